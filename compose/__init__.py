@@ -1,0 +1,1 @@
+"""groupshot stage 2: compose group photos where every person keeps their own face."""

@@ -1,0 +1,220 @@
+"""Models for tests and benchmarks built from configs, with random weights and no download.
+
+`python -m personas.testing tiny-model DIR` writes a tiny Stable-Diffusion-layout folder
+(with an OpenPose-style ControlNet in DIR/controlnet) usable as `--base-model DIR`.
+`python -m personas.testing sd15-random DIR` writes the same at real SD1.5 size (random
+weights: for speed and memory measurements, not for pictures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+CLIP_VOCAB_SIZE = 49408
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# -- tokenizer -----------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte <-> printable-character table of GPT-2/CLIP BPE.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
+    """The real CLIP BPE vocabulary, rebuilt from the merges file open_clip ships."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("open_clip_torch is needed to build the CLIP tokenizer offline")
+    bpe = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
+    merges = lines[1 : 49152 - 256 - 2 + 1]  # the same slice open_clip's SimpleTokenizer takes
+    chars = list(_bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + [BOS, EOS]
+    assert len(vocab_list) == CLIP_VOCAB_SIZE, len(vocab_list)  # internal invariant of the file
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def write_clip_tokenizer(folder: str | Path) -> Path:
+    """Write a transformers CLIPTokenizer folder equal to SD1.5's tokenizer, without download."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = _clip_vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    import inspect
+
+    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers 4
+        files = dict(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
+    else:  # transformers 5 takes the vocabulary and merges themselves
+        files = dict(vocab=vocab, merges=[tuple(m.split()) for m in merges])
+    tok = CLIPTokenizer(
+        **files,
+        model_max_length=77,  # without it the SD pipeline overflows (ENVIRONMENT.md)
+        bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+    )
+    if len(tok) != CLIP_VOCAB_SIZE:
+        raise RuntimeError(f"built a CLIP tokenizer of {len(tok)} tokens, expected {CLIP_VOCAB_SIZE}")
+    tok.save_pretrained(folder)
+    return folder
+
+
+def clip_tokenizer():
+    """An in-memory CLIPTokenizer equal to SD1.5's (built once per process, in a temp folder)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        write_clip_tokenizer(d)
+        return CLIPTokenizer.from_pretrained(d, model_max_length=77)
+
+
+# -- configs -------------------------------------------------------------------------------
+
+# Tiny: 64 px images, VAE factor 4 (16x16 latents), attention at two resolutions so that
+# region masks are exercised at more than one latent size.
+TINY = {
+    "unet": dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ),
+    "vae": dict(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=64,
+        block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    ),
+    "text_encoder": dict(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu",
+    ),
+    # 2 stride-2 convolutions: the conditioning image must come down by the VAE's factor 4.
+    "controlnet_conditioning_channels": (8, 16, 32),
+}
+
+# Stable Diffusion 1.5, exact (runwayml/stable-diffusion-v1-5 configs).
+SD15 = {
+    "unet": dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+        act_fn="silu", center_input_sample=False, downsample_padding=1, flip_sin_to_cos=True,
+        freq_shift=0, mid_block_scale_factor=1, norm_eps=1e-5,
+    ),
+    "vae": dict(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        act_fn="silu",
+    ),
+    "text_encoder": dict(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=1, hidden_act="quick_gelu",
+    ),
+    "controlnet_conditioning_channels": (16, 32, 96, 256),
+}
+
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, clip_sample=False,
+)
+
+
+def build_components(size: str = "tiny", *, seed: int = 0, device: Any = None, dtype: Any = None) -> dict[str, Any]:
+    """Random-weight SD components: unet, vae, text_encoder, tokenizer, scheduler, controlnet."""
+    import torch
+    from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = {"tiny": TINY, "sd15": SD15}[size]
+    ctx = torch.device(device) if device is not None else torch.device("cpu")
+    with ctx:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**cfg["unet"])
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**cfg["vae"])
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+        torch.manual_seed(seed + 3)
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=cfg["controlnet_conditioning_channels"]
+        )
+    parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, controlnet=controlnet)
+    if dtype is not None:
+        for m in parts.values():
+            m.to(dtype)
+    parts["tokenizer"] = clip_tokenizer()
+    parts["scheduler"] = PNDMScheduler.from_config(SD_SCHEDULER)
+    return parts
+
+
+def write_model(folder: str | Path, size: str = "tiny", *, seed: int = 0) -> Path:
+    """Write a diffusers-layout SD folder with a `controlnet/` sub-folder."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    parts = build_components(size, seed=seed)
+    controlnet = parts.pop("controlnet")
+    pipe = StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    dtype = torch.float16 if size == "sd15" else None
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+        controlnet.to(dtype)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    controlnet.save_pretrained(folder / "controlnet", safe_serialization=True)
+    (folder / "GROUPSHOT_TEST_MODEL.txt").write_text(
+        f"Random weights ({size}, seed {seed}) written by `python -m personas.testing`.\n"
+        "For tests and benchmarks only: it draws noise, not pictures.\n",
+        encoding="utf-8",
+    )
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m personas.testing", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in (("tiny-model", "a tiny random model (seconds, a few MB)"),
+                        ("sd15-random", "SD1.5 architecture with random weights (about 2.6 GB)")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("dir", type=Path)
+        s.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.dir.exists() and any(args.dir.iterdir()):
+        print(f"error: {args.dir} exists and is not empty; pick a new folder", file=sys.stderr)
+        return 2
+    write_model(args.dir, "tiny" if args.cmd == "tiny-model" else "sd15", seed=args.seed)
+    print(args.dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
