@@ -1,0 +1,545 @@
+"""Train one persona: photos in, an identity adapter (LoRA and/or new tokens) out.
+
+The loop reads top to bottom: check photos, load the base model, cache latents (and the
+caption's text embedding when nothing in the text path trains), then optimise. Every
+random draw of step k comes from a generator seeded by (seed, k), so a run resumed from
+a checkpoint takes exactly the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from personas.adapters import UNET_TARGETS, TEXT_TARGETS, LoraWeights, lora_from_peft, save_embeddings, save_lora
+from personas.config import TrainConfig
+from personas.errors import GroupshotError
+from personas.library import (
+    ADAPTER_FILE, EMBEDDINGS_FILE, Library, Persona, sha256_file, utc_now, validate_name, write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = ".work"  # <library>/.work/<name>/: checkpoints of an unfinished run, never the persona itself
+
+
+@dataclass
+class TrainResult:
+    persona: Persona
+    steps: int
+    seconds: float
+    steps_per_second: float
+    final_loss: float
+    peak_memory_gb: float | None
+
+
+class TrainingInterrupted(GroupshotError):
+    """Ctrl-C during training: a checkpoint was saved and `--resume` continues."""
+
+
+def persona_tokens(name: str, n: int) -> list[str]:
+    """Token strings as diffusers' load_textual_inversion names a multi-vector embedding."""
+    first = f"<{name}>"
+    return [first] + [f"{first}_{i}" for i in range(1, n)]
+
+
+def _device_and_precision(config: TrainConfig) -> tuple[str, str]:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mp = config.mixed_precision
+    if mp == "auto":
+        mp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device == "cuda" else "no"
+    if device == "cpu" and mp == "fp16":
+        raise GroupshotError("mixed_precision=fp16 needs a GPU; use no or bf16 on the CPU")
+    return device, mp
+
+
+def _step_generator(seed: int, step: int):
+    import torch
+
+    # One independent stream per step: resume needs no RNG state, only the step number.
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+
+
+def train_persona(
+    name: str,
+    photos: Sequence[str | os.PathLike] | None,
+    config: TrainConfig,
+    *,
+    library: Library | None = None,
+    resume: bool = False,
+    restart: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train persona `name` from `photos` and commit it to the library atomically.
+
+    `stop_after` ends the run early (after saving a checkpoint) and is for tests of resume.
+    """
+    validate_name(name)
+    library = library or Library()
+    library.recover()
+    work = library.root / WORK_DIR / name
+    with library.lock(name):
+        state_file = work / "state.json"
+        if resume:
+            if not state_file.is_file():
+                raise GroupshotError(f"no unfinished training of {name!r} to resume in {work}; start it without --resume")
+            saved = json.loads(state_file.read_text())
+            config = TrainConfig.from_dict(saved["config"], source=str(state_file))
+        elif work.exists():
+            if not restart and state_file.is_file():
+                step = json.loads(state_file.read_text()).get("step", 0)
+                raise GroupshotError(
+                    f"{name!r} has an unfinished training run (step {step}) in {work}; "
+                    "pass --resume to continue it or --restart to discard it"
+                )
+            shutil.rmtree(work)
+        if not resume:
+            if not photos:
+                raise GroupshotError("no photos given: pass photo files or folders after the persona name")
+            _prepare_work_dir(work, photos, config)
+        return _train(name, config, library, work, progress=progress, stop_after=stop_after)
+
+
+def _prepare_work_dir(work: Path, photos: Sequence[str | os.PathLike], config: TrainConfig) -> None:
+    """Check photos (before any model loads), write the crops and the run's state."""
+    from personas.faces import load_face_backend
+    from personas.photos import check_photos
+
+    backend = load_face_backend(config.face_model)
+    report = check_photos([Path(p) for p in photos], backend=backend, resolution=config.resolution)
+    report.require(config.min_photos)
+    tmp = work.with_name(work.name + ".new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "refs").mkdir(parents=True)
+    refs = []
+    for i, ph in enumerate(report.accepted):
+        rel = f"refs/{i:03d}.jpg"
+        ph.image.save(tmp / rel, quality=95)
+        refs.append({"file": rel, "source": Path(ph.path).name, "sha256": ph.sha256,
+                     "face_box": [round(float(v), 2) for v in ph.face_box]})
+    photo_record = {
+        "face_backend": backend.describe(),
+        "accepted": [{"file": r["file"], "source": r["source"], "sha256": r["sha256"]} for r in refs],
+        "rejected": [{"file": str(r.path), "reason": r.reason} for r in report.rejected],
+    }
+    write_json_atomic(tmp / "photos.json", photo_record)
+    write_json_atomic(tmp / "state.json", {"config": config.to_dict(), "refs": refs, "step": 0})
+    work.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, work)
+
+
+def _train(name: str, config: TrainConfig, library: Library, work: Path, *, progress: bool,
+           stop_after: int | None) -> TrainResult:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from personas.models import load_base_model
+
+    state = json.loads((work / "state.json").read_text())
+    refs = state["refs"]
+    device, mp = _device_and_precision(config)
+    accelerator = Accelerator(
+        mixed_precision=mp, gradient_accumulation_steps=config.gradient_accumulation, cpu=device == "cpu"
+    )
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
+    t_start = time.perf_counter()
+
+    # -- model -----------------------------------------------------------------------------
+    base = load_base_model(config.base_model)
+    unet, vae, text_encoder, tokenizer = base.unet, base.vae, base.text_encoder, base.tokenizer
+    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    for m in (unet, vae, text_encoder):
+        m.requires_grad_(False)
+    vae.to(accelerator.device, dtype=torch.float32)  # fp16 VAE encodes can overflow; it runs once
+    unet.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+
+    uses_tokens = config.method in ("ti", "pivotal")
+    uses_lora = config.method in ("lora", "pivotal")
+    tokens = persona_tokens(name, config.num_tokens) if uses_tokens else []
+    # Prompts through a diffusers pipeline name only the first token (maybe_convert_prompt
+    # expands it); the caption we tokenize ourselves spells every token out.
+    person_words = f"{tokens[0]} {config.class_word}" if uses_tokens else f"{name} {config.class_word}"
+    caption = config.caption.format(person=" ".join(tokens + [config.class_word]) if uses_tokens else person_words)
+
+    # New tokens: a separate trainable (n, D) table spliced into the frozen embedding
+    # output by a hook, so the 49k-row matrix never needs a gradient or an optimizer state.
+    new_emb = None
+    if uses_tokens:
+        n_added = tokenizer.add_tokens(tokens)
+        if n_added != len(tokens):
+            raise GroupshotError(f"tokens {tokens} clash with the base model's vocabulary; rename the persona")
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows come from new_emb
+        first_id = tokenizer.convert_tokens_to_ids(tokens[0])
+        emb_layer = text_encoder.get_input_embeddings()
+        init_ids = tokenizer(config.class_word, add_special_tokens=False).input_ids
+        init = emb_layer.weight[init_ids].float().mean(0).detach()  # (D,) start from the class word
+        new_emb = torch.nn.Parameter(init.repeat(len(tokens), 1).to(accelerator.device))  # (n, D)
+
+        def splice(module, inputs, output):
+            ids = inputs[0]
+            hit = ids >= first_id
+            if not bool(hit.any()):
+                return output
+            out = output.clone()
+            out[hit] = new_emb[ids[hit] - first_id].to(out.dtype)
+            return out
+
+        emb_layer.register_forward_hook(splice)
+
+    lora_params: list[torch.nn.Parameter] = []
+    if uses_lora:
+        from peft import LoraConfig
+
+        torch.manual_seed(config.seed)
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                    target_modules=list(UNET_TARGETS)))
+        if config.text_encoder_lora:
+            text_encoder.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha,
+                                                init_lora_weights="gaussian", target_modules=list(TEXT_TARGETS)))
+        for m in (unet, text_encoder):
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # fp32 trainable weights under bf16/fp16 autocast
+                    lora_params.append(p)
+
+    groups = []
+    if lora_params:
+        groups.append({"params": lora_params, "lr": config.learning_rate})
+    if new_emb is not None:
+        groups.append({"params": [new_emb], "lr": config.embedding_lr, "weight_decay": 0.0})
+    fused = accelerator.device.type == "cuda"
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2, **({"fused": True} if fused else {}))
+
+    # -- cached inputs -----------------------------------------------------------------------
+    images = [Image.open(work / r["file"]).convert("RGB") for r in refs]
+    latents_mean, latents_std, face_masks = _encode_photos(vae, images, [r["face_box"] for r in refs], config,
+                                                           accelerator.device)  # (2N, 4, h, w) each
+    scaling = vae.config.scaling_factor
+    prior = _class_latents(base, config, accelerator.device, weight_dtype, work) if config.prior_preservation else None
+    vae.to("cpu")  # only validation needs it again
+    token_ids = tokenizer(caption, padding="max_length", max_length=tokenizer.model_max_length,
+                          truncation=True, return_tensors="pt").input_ids.to(accelerator.device)  # (1, 77)
+    class_ids = tokenizer(config.caption.format(person=config.class_word), padding="max_length",
+                          max_length=tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(accelerator.device)
+    text_trains = uses_tokens or config.text_encoder_lora
+    cached_text = None
+    if not text_trains:
+        with torch.no_grad():
+            cached_text = text_encoder(token_ids)[0]  # (1, 77, D)
+
+    # -- resume --------------------------------------------------------------------------------
+    start_step = 0
+    losses: list[tuple[int, float, float]] = []  # (step, loss, seconds since start)
+    ckpt = work / "checkpoint.pt"
+    if ckpt.is_file() and state.get("step", 0) > 0:
+        saved = torch.load(ckpt, map_location=accelerator.device, weights_only=True)
+        for p, v in zip(lora_params, saved["lora"]):
+            p.data.copy_(v)
+        if new_emb is not None:
+            new_emb.data.copy_(saved["new_emb"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start_step = int(saved["step"])
+        losses = [tuple(x) for x in saved["losses"]]
+        log.info("resuming %s at step %d", name, start_step)
+
+    unet_t, optimizer = accelerator.prepare(unet, optimizer)
+
+    def save_checkpoint(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        tmp = work / "checkpoint.pt.tmp"
+        torch.save({"step": step, "lora": [p.detach() for p in lora_params],
+                    "new_emb": None if new_emb is None else new_emb.detach(),
+                    "optimizer": optimizer.state_dict(), "losses": losses}, tmp)
+        os.replace(tmp, ckpt)
+        write_json_atomic(work / "state.json", {**state, "step": step})
+
+    # -- loop ------------------------------------------------------------------------------------
+    n_photos = latents_mean.shape[0] // 2
+    end_step = config.max_train_steps if stop_after is None else min(config.max_train_steps, stop_after)
+    bar = tqdm(total=config.max_train_steps, initial=start_step, desc=f"train {name}", unit="step",
+               disable=not progress or not accelerator.is_main_process, dynamic_ncols=True)
+    interrupted = False
+
+    def on_sigint(signum, frame):
+        nonlocal interrupted
+        interrupted = True
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
+    pending = []  # device loss tensors not yet read: reading each step would sync the GPU
+    t_loop = time.perf_counter()
+    step = start_step
+    try:
+        unet_t.train()
+        for step in range(start_step, end_step):
+            g = _step_generator(config.seed, step)
+            b = config.batch_size * config.gradient_accumulation
+            idx = torch.randint(0, n_photos, (b,), generator=g)
+            flip = torch.rand(b, generator=g) < 0.5 if config.flip else torch.zeros(b, dtype=torch.bool)
+            idx = (idx + n_photos * flip.long()).to(accelerator.device)  # flipped copies sit after the originals
+            eps_latent = torch.randn(latents_mean[idx].shape, generator=g).to(accelerator.device)
+            noise = torch.randn(latents_mean[idx].shape, generator=g).to(accelerator.device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(accelerator.device)
+            latents = (latents_mean[idx] + latents_std[idx] * eps_latent) * scaling  # (b, 4, h, w)
+            weights = 1.0 + config.face_loss_weight * face_masks[idx]  # (b, 1, h, w)
+            for micro in range(config.gradient_accumulation):
+                sl = slice(micro * config.batch_size, (micro + 1) * config.batch_size)
+                with accelerator.accumulate(unet_t), accelerator.autocast():
+                    noisy = noise_scheduler.add_noise(latents[sl], noise[sl], timesteps[sl])
+                    if cached_text is not None:
+                        text = cached_text.expand(noisy.shape[0], -1, -1)
+                    else:
+                        text = text_encoder(token_ids.expand(noisy.shape[0], -1))[0]  # (B, 77, D)
+                    pred = unet_t(noisy.to(weight_dtype), timesteps[sl], text.to(weight_dtype)).sample
+                    target = noise[sl] if noise_scheduler.config.prediction_type == "epsilon" else \
+                        noise_scheduler.get_velocity(latents[sl], noise[sl], timesteps[sl])
+                    w = weights[sl]
+                    loss = ((pred.float() - target.float()) ** 2 * w).mean() / w.mean()
+                    if prior is not None:
+                        loss = loss + config.prior_loss_weight * _prior_loss(
+                            prior, unet_t, text_encoder, class_ids, noise_scheduler, g, accelerator.device, weight_dtype)
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            pending.append(loss.detach())
+            done = step + 1
+            if done % config.log_every == 0 or done == end_step:
+                now = time.perf_counter() - t_start
+                for k, l in enumerate(torch.stack(pending).float().cpu().tolist()):
+                    losses.append((done - len(pending) + k + 1, l, now))
+                pending.clear()
+                bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
+            bar.update(1)
+            if config.validation_every and done % config.validation_every == 0 and accelerator.is_main_process:
+                _validation_images(base, unet, text_encoder, tokenizer, config, person_words, work / "samples", done)
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.max_train_steps:
+                save_checkpoint(done)
+            if interrupted:
+                save_checkpoint(done)
+                raise TrainingInterrupted(
+                    f"training of {name!r} interrupted at step {done}; checkpoint saved, "
+                    f"continue with `personas train {name} --resume`"
+                )
+        step = end_step
+    finally:
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+    loop_seconds = time.perf_counter() - t_loop
+    steps_done = end_step - start_step
+    if end_step < config.max_train_steps:  # stopped early on purpose (tests of resume)
+        save_checkpoint(end_step)
+        return TrainResult(persona=None, steps=end_step, seconds=loop_seconds,  # type: ignore[arg-type]
+                           steps_per_second=steps_done / max(loop_seconds, 1e-9),
+                           final_loss=losses[-1][1] if losses else math.nan, peak_memory_gb=_peak_gb())
+
+    # -- save: build the persona beside the library, then swap it in ---------------------------
+    if not accelerator.is_main_process:
+        return TrainResult(None, end_step, loop_seconds, steps_done / loop_seconds, losses[-1][1], _peak_gb())  # type: ignore[arg-type]
+    unet_raw = accelerator.unwrap_model(unet_t)
+    staged = library.staging(name)
+    try:
+        if config.validation_every and end_step % config.validation_every:
+            _validation_images(base, unet, text_encoder, tokenizer, config, person_words, work / "samples", end_step)
+        adapter_sha = emb_sha = None
+        if uses_lora:
+            weights = LoraWeights(
+                unet=lora_from_peft(unet_raw),
+                text_encoder=lora_from_peft(text_encoder) if config.text_encoder_lora else {},
+                metadata={"groupshot_persona": name, "rank": config.lora_rank, "alpha": config.alpha},
+            )
+            save_lora(staged / ADAPTER_FILE, weights)
+            adapter_sha = sha256_file(staged / ADAPTER_FILE)
+        if new_emb is not None:
+            save_embeddings(staged / EMBEDDINGS_FILE, new_emb, tokens)
+            emb_sha = sha256_file(staged / EMBEDDINGS_FILE)
+        shutil.copytree(work / "refs", staged / "refs")
+        train_dir = staged / "train"
+        train_dir.mkdir()
+        if (work / "samples").is_dir():
+            shutil.copytree(work / "samples", train_dir / "samples")
+        shutil.copy(work / "photos.json", train_dir / "photos.json")
+        (train_dir / "config.toml").write_text(config.to_toml(), encoding="utf-8")
+        _write_losses(train_dir, losses)
+        total = time.perf_counter() - t_start
+        persona = Persona(
+            name=name, tokens=tokens, class_word=config.class_word, base_model=base.identity,
+            method=config.method, hyperparameters=config.to_dict(),
+            photos=[{k: r[k] for k in ("file", "source", "sha256")} for r in refs],
+            adapter_sha256=adapter_sha, embeddings_sha256=emb_sha, created_at=utc_now(),
+            trigger=person_words,
+            extra={"steps": end_step, "final_loss": losses[-1][1] if losses else None,
+                   "train_seconds": round(loop_seconds, 2), "total_seconds": round(total, 2),
+                   "steps_per_second": round(steps_done / max(loop_seconds, 1e-9), 3),
+                   "device": str(accelerator.device), "mixed_precision": mp, "peak_memory_gb": _peak_gb(),
+                   "caption": caption},
+        )
+        persona = library.commit(name, staged, persona)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return TrainResult(persona, end_step, loop_seconds, steps_done / max(loop_seconds, 1e-9),
+                       losses[-1][1] if losses else math.nan, _peak_gb())
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _peak_gb() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+
+def _encode_photos(vae, images, face_boxes, config: TrainConfig, device):
+    """Latent distributions of every photo and its mirror image, and face masks at latent size."""
+    import numpy as np
+    import torch
+
+    arrays = [np.asarray(im.resize((config.resolution,) * 2), dtype=np.float32) / 127.5 - 1.0 for im in images]
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, 3, R, R)
+    x = torch.cat([x, x.flip(-1)])  # (2N, 3, R, R): originals, then mirrored
+    means, stds = [], []
+    with torch.no_grad():
+        for chunk in x.split(4):
+            dist = vae.encode(chunk.to(device)).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    mean, std = torch.cat(means), torch.cat(stds)  # (2N, 4, h, w)
+    h, w = mean.shape[-2:]
+    f = config.resolution / w
+    masks = torch.zeros(len(images), 1, h, w)
+    for i, (x0, y0, x1, y1) in enumerate(face_boxes):
+        masks[i, 0, int(y0 / f): math.ceil(y1 / f), int(x0 / f): math.ceil(x1 / f)] = 1.0
+    masks = torch.cat([masks, masks.flip(-1)]).to(device)  # (2N, 1, h, w)
+    return mean, std, masks
+
+
+def _class_latents(base, config: TrainConfig, device, dtype, work: Path):
+    """Latents of class images generated by the base model (prior preservation), cached on disk."""
+    import torch
+
+    cache = work / "class_latents.pt"
+    if cache.is_file():
+        return torch.load(cache, map_location=device, weights_only=True)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**base.components(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).to(device)
+    prompt = config.caption.format(person=config.class_word)
+    latents = []
+    g = torch.Generator(device="cpu").manual_seed(config.seed + 7919)
+    for _ in range(config.num_class_images):
+        out = pipe(prompt, height=config.resolution, width=config.resolution, num_inference_steps=25,
+                   generator=g, output_type="latent").images  # (1, 4, h, w), already scaled
+        latents.append(out.float() / base.vae.config.scaling_factor)
+    lat = torch.cat(latents)
+    torch.save(lat, cache)
+    return lat.to(device)
+
+
+def _prior_loss(prior, unet, text_encoder, class_ids, scheduler, g, device, dtype):
+    import torch
+    import torch.nn.functional as F
+
+    i = torch.randint(0, prior.shape[0], (1,), generator=g)
+    noise = torch.randn(prior[i].shape, generator=g).to(device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g).to(device)
+    lat = prior[i.to(device)] * 0.18215
+    noisy = scheduler.add_noise(lat, noise, t)
+    text = text_encoder(class_ids)[0]
+    pred = unet(noisy.to(dtype), t, text.to(dtype)).sample
+    return F.mse_loss(pred.float(), noise.float())
+
+
+def _validation_images(base, unet, text_encoder, tokenizer, config, person_words, folder: Path, step: int) -> None:
+    """Render the validation prompts with the adapter as it is now, one grid per step."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    device = next(unet.parameters()).device
+    vae = base.vae.to(device)
+    was_training = unet.training
+    unet.eval()
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=base.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    size = config.resolution
+    tiles = []
+    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda"):
+        for i, prompt in enumerate(config.validation_prompts):
+            g = torch.Generator(device="cpu").manual_seed(config.seed + i)
+            tiles.append(pipe(prompt.format(person=person_words), height=size, width=size, generator=g,
+                              num_inference_steps=config.validation_steps).images[0])
+    grid = Image.new("RGB", (size * len(tiles), size))
+    for i, t in enumerate(tiles):
+        grid.paste(t, (i * size, 0))
+    grid.save(folder / f"step-{step:06d}.png")
+    vae.to("cpu")
+    unet.train(was_training)
+
+
+def _write_losses(folder: Path, losses: list[tuple[int, float, float]]) -> None:
+    with open(folder / "loss.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "seconds"])
+        for step, loss, sec in losses:
+            w.writerow([step, f"{loss:.6f}", f"{sec:.3f}"])
+    plot_loss(losses, folder / "loss.png")
+
+
+def plot_loss(losses: list[tuple[int, float, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not losses:
+        return
+    steps = np.array([l[0] for l in losses])
+    vals = np.array([l[1] for l in losses])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, vals, lw=0.6, alpha=0.4, label="loss")
+    k = max(1, len(vals) // 20)
+    if len(vals) > k:
+        smooth = np.convolve(vals, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.6, label=f"mean of {k}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
