@@ -174,13 +174,17 @@ def build_components(size: str = "tiny", *, seed: int = 0, device: Any = None, d
     return parts
 
 
-def write_model(folder: str | Path, size: str = "tiny", *, seed: int = 0) -> Path:
-    """Write a diffusers-layout SD folder with a `controlnet/` sub-folder."""
+def write_model(folder: str | Path, size: str = "tiny", *, seed: int = 0, device: Any = None) -> Path:
+    """Write a diffusers-layout SD folder with a `controlnet/` sub-folder.
+
+    `device="cuda"` initialises the random weights on the GPU (seconds instead of a minute
+    at SD1.5 size); the files are the same layout either way.
+    """
     import torch
     from diffusers import StableDiffusionPipeline
 
     folder = Path(folder)
-    parts = build_components(size, seed=seed)
+    parts = build_components(size, seed=seed, device=device)
     controlnet = parts.pop("controlnet")
     pipe = StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -207,14 +211,75 @@ def main(argv: list[str] | None = None) -> int:
         s = sub.add_parser(name, help=help_)
         s.add_argument("dir", type=Path)
         s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--device", default=None, help="initialise weights on this device (e.g. cuda)")
     args = p.parse_args(argv)
     if args.dir.exists() and any(args.dir.iterdir()):
         print(f"error: {args.dir} exists and is not empty; pick a new folder", file=sys.stderr)
         return 2
-    write_model(args.dir, "tiny" if args.cmd == "tiny-model" else "sd15", seed=args.seed)
+    write_model(args.dir, "tiny" if args.cmd == "tiny-model" else "sd15", seed=args.seed, device=args.device)
     print(args.dir)
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- random personas (compose and eval tests) ------------------------------------------------
+
+
+def make_random_persona(
+    library: Any, name: str, base_model_dir: str | Path, *, method: str = "pivotal", rank: int = 4,
+    n_tokens: int = 2, seed: int = 0, class_word: str = "person", text_lora: bool = False,
+) -> Any:
+    """A persona with random adapters of the right shapes for `base_model_dir`, committed to `library`.
+
+    LoRA factors on every UNet attention to_q/to_k/to_v/to_out.0 (lora_B non-zero, so the
+    adapter changes the output; `text_lora` adds text-encoder q/k/v/out_proj factors),
+    and `n_tokens` random token embeddings for ti/pivotal, saved in the formats that
+    personas.adapters writes and diffusers reads.
+    """
+    import torch
+
+    from personas.adapters import TEXT_TARGETS, UNET_TARGETS, LoraWeights, save_embeddings, save_lora
+    from personas.library import ADAPTER_FILE, EMBEDDINGS_FILE, Persona, sha256_file, utc_now
+    from personas.models import load_base_model
+
+    if method not in ("lora", "ti", "pivotal"):
+        raise ValueError(f"method {method!r}: expected lora, ti or pivotal")
+    base = load_base_model(str(base_model_dir))
+    gen = torch.Generator().manual_seed(seed)
+
+    def factors(module: Any) -> tuple[Any, Any]:
+        out_f, in_f = module.weight.shape
+        # Deltas about as large as the layer's own weights: clearly visible in a 2-step render.
+        a = torch.randn(rank, in_f, generator=gen) / in_f**0.5
+        b = torch.randn(out_f, rank, generator=gen) / rank**0.5
+        return a, b
+
+    def lora_layers(model: Any, targets: tuple[str, ...]) -> dict[str, tuple[Any, Any]]:
+        modules = dict(model.named_modules())
+        return {path: factors(m) for path, m in modules.items()
+                if any(path.endswith("." + t) for t in targets) and isinstance(m, torch.nn.Linear)}
+
+    tokens = [f"<{name}>"] + [f"<{name}>_{i}" for i in range(1, n_tokens)] if method != "lora" else []
+    staged = library.staging(name)
+    adapter_sha = embeddings_sha = None
+    if method in ("lora", "pivotal"):
+        weights = LoraWeights(unet=lora_layers(base.unet, UNET_TARGETS), metadata={"random_seed": seed})
+        if text_lora:
+            weights.text_encoder = lora_layers(base.text_encoder, TEXT_TARGETS)
+        save_lora(staged / ADAPTER_FILE, weights)
+        adapter_sha = sha256_file(staged / ADAPTER_FILE)
+    if tokens:
+        table = base.text_encoder.get_input_embeddings().weight
+        emb = torch.randn(len(tokens), table.shape[1], generator=gen) * float(table.std())
+        save_embeddings(staged / EMBEDDINGS_FILE, emb, tokens)
+        embeddings_sha = sha256_file(staged / EMBEDDINGS_FILE)
+    persona = Persona(
+        name=name, tokens=tokens, class_word=class_word, base_model=base.identity, method=method,
+        hyperparameters={"rank": rank, "n_tokens": len(tokens), "random_seed": seed, "text_lora": text_lora},
+        photos=[], adapter_sha256=adapter_sha, embeddings_sha256=embeddings_sha, created_at=utc_now(),
+        extra={"note": "random adapters made by personas.testing.make_random_persona"},
+    )
+    return library.commit(name, staged, persona)

@@ -64,11 +64,13 @@ def _device_and_precision(config: TrainConfig) -> tuple[str, str]:
     return device, mp
 
 
-def _step_generator(seed: int, step: int):
+def _step_generator(seed: int, step: int, device):
     import torch
 
     # One independent stream per step: resume needs no RNG state, only the step number.
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63))
+    # Drawn on the training device: a host-to-device copy of pageable memory would
+    # synchronise the GPU every step.
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63))
 
 
 def train_persona(
@@ -264,6 +266,10 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
         log.info("resuming %s at step %d", name, start_step)
 
     unet_t, optimizer = accelerator.prepare(unet, optimizer)
+    if config.channels_last:
+        unet_t.to(memory_format=torch.channels_last)
+    if config.compile_unet:
+        unet_t = torch.compile(unet_t)
 
     def save_checkpoint(step: int) -> None:
         if not accelerator.is_main_process:
@@ -293,14 +299,16 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
     try:
         unet_t.train()
         for step in range(start_step, end_step):
-            g = _step_generator(config.seed, step)
+            dev = accelerator.device
+            g = _step_generator(config.seed, step, dev)
             b = config.batch_size * config.gradient_accumulation
-            idx = torch.randint(0, n_photos, (b,), generator=g)
-            flip = torch.rand(b, generator=g) < 0.5 if config.flip else torch.zeros(b, dtype=torch.bool)
-            idx = (idx + n_photos * flip.long()).to(accelerator.device)  # flipped copies sit after the originals
-            eps_latent = torch.randn(latents_mean[idx].shape, generator=g).to(accelerator.device)
-            noise = torch.randn(latents_mean[idx].shape, generator=g).to(accelerator.device)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g).to(accelerator.device)
+            idx = torch.randint(0, n_photos, (b,), generator=g, device=dev)
+            if config.flip:  # flipped copies sit after the originals
+                idx = idx + n_photos * (torch.rand(b, generator=g, device=dev) < 0.5).long()
+            shape = (b, *latents_mean.shape[1:])  # (b, 4, h, w)
+            eps_latent = torch.randn(shape, generator=g, device=dev)
+            noise = torch.randn(shape, generator=g, device=dev)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g, device=dev)
             latents = (latents_mean[idx] + latents_std[idx] * eps_latent) * scaling  # (b, 4, h, w)
             weights = 1.0 + config.face_loss_weight * face_masks[idx]  # (b, 1, h, w)
             for micro in range(config.gradient_accumulation):
@@ -466,14 +474,14 @@ def _class_latents(base, config: TrainConfig, device, dtype, work: Path):
 
 
 def _prior_loss(prior, unet, text_encoder, class_ids, scheduler, g, device, dtype):
+    """Denoising loss on one generated class image: keeps the class word's meaning."""
     import torch
     import torch.nn.functional as F
 
-    i = torch.randint(0, prior.shape[0], (1,), generator=g)
-    noise = torch.randn(prior[i].shape, generator=g).to(device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g).to(device)
-    lat = prior[i.to(device)] * 0.18215
-    noisy = scheduler.add_noise(lat, noise, t)
+    i = torch.randint(0, prior.shape[0], (1,), generator=g, device=device)
+    noise = torch.randn((1, *prior.shape[1:]), generator=g, device=device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=g, device=device)
+    noisy = scheduler.add_noise(prior[i] * 0.18215, noise, t)  # (1, 4, h, w)
     text = text_encoder(class_ids)[0]
     pred = unet(noisy.to(dtype), t, text.to(dtype)).sample
     return F.mse_loss(pred.float(), noise.float())

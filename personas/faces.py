@@ -1,0 +1,463 @@
+"""Face detection and identity embeddings behind one interface (`FaceBackend`): `arcface`
+(insightface model pack) and `dlib` (weights from a registry package, fully offline)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from personas.errors import GroupshotError, ModelUnavailableError
+
+__all__ = [
+    "Face",
+    "FaceBackend",
+    "DlibBackend",
+    "ArcFaceBackend",
+    "FACE_BACKENDS",
+    "load_face_backend",
+    "insightface_root",
+    "arcface_pack_dir",
+]
+
+logger = logging.getLogger(__name__)
+
+FACE_BACKENDS = ("auto", "arcface", "dlib")
+DEFAULT_ARCFACE_PACK = "buffalo_l"
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value
+class Face:
+    """One detected face: box and landmarks in pixels of the input image, unit-norm embedding."""
+
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1
+    score: float  # detector confidence (1.0 where the detector has none)
+    embedding: np.ndarray = field(repr=False)  # (D,) float32, unit L2 norm
+    landmarks: np.ndarray | None = field(default=None, repr=False)  # (K, 2) pixels
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area(self) -> float:
+        return self.width * self.height
+
+
+@runtime_checkable
+class FaceBackend(Protocol):
+    """What photos, train and eval need from a face model."""
+
+    name: str  # "arcface" | "dlib"
+    model: str  # model pack / file name
+    # L2 distance between unit-normalised embeddings above which two faces are
+    # "not the same person" for this backend.
+    match_threshold: float
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Faces in an RGB uint8 (H, W, 3) image, largest first."""
+        ...
+
+    def describe(self) -> dict:
+        """{"name", "model", "version", "weights_sha256", "match_threshold", ...} for reports."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------
+# helpers shared by the backends
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+        shape = getattr(image, "shape", type(image).__name__)
+        raise ValueError(f"image must be an RGB array of shape (H, W, 3), got {shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8 RGB, got dtype {image.dtype}")
+    return np.ascontiguousarray(image)
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32).ravel()
+    norm = float(np.linalg.norm(vector))
+    # A zero vector has no direction; keep it zero rather than dividing into NaNs.
+    return vector / norm if norm > 0 else vector
+
+
+def _clip_box(box, width: int, height: int) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return (
+        min(max(x0, 0.0), width),
+        min(max(y0, 0.0), height),
+        min(max(x1, 0.0), width),
+        min(max(y1, 0.0), height),
+    )
+
+
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a weights file, computed once per (path, size, mtime) in this process."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def _package_version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# dlib
+
+
+def _dlib_models_dir() -> Path:
+    # GROUPSHOT_DLIB_MODELS: a folder holding the .dat files, for machines where the
+    # 100 MB face-recognition-models package cannot be installed (the GPU benchmarks).
+    if os.environ.get("GROUPSHOT_DLIB_MODELS"):
+        return Path(os.environ["GROUPSHOT_DLIB_MODELS"])
+    # Located, not imported: face_recognition_models/__init__.py imports pkg_resources,
+    # which setuptools >= 81 no longer ships.
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or spec.origin is None:
+        raise ModelUnavailableError(
+            "face model 'dlib' needs the face-recognition-models package: "
+            "pip install face-recognition-models dlib-bin"
+        )
+    return Path(spec.origin).parent / "models"
+
+
+class DlibBackend:
+    """dlib: HOG frontal detector, 5-point landmarks, ResNet 128-d descriptor; offline.
+
+    HOG finds frontal and near-frontal faces only (profiles are missed) and, with the
+    default upsample=1, faces down to about 40 px in the (downscaled) image.
+    """
+
+    name = "dlib"
+    model = "dlib_face_recognition_resnet_model_v1"
+    # dlib's documented threshold is 0.6 on *raw* descriptors, whose norms are not 1:
+    # on the registry photos (astronaut, Grace Hopper, Tom Hanks, the six of t1.jpg) they
+    # were 1.37-1.47 (mean 1.43), so 0.6 raw ~ 0.6 / 1.43 = 0.42 unit-normalised.
+    # Measured unit-normalised (dlib-bin 20.0.1, HOG upsample 1): the same face mirrored,
+    # cropped or rescaled 0.03-0.16 apart; different people 0.43-0.67 apart (closest pair:
+    # two of the t1.jpg faces, 0.434; raw 0.63). deepface's "Dlib" euclidean_l2 threshold
+    # is 0.40 (deepface/config/threshold.py), which agrees.
+    match_threshold = 0.42
+
+    WEIGHT_FILES = (
+        "shape_predictor_5_face_landmarks.dat",
+        "dlib_face_recognition_resnet_model_v1.dat",
+    )
+
+    def __init__(self, *, upsample: int = 1, min_score: float = 0.25, max_side: int | None = 1024):
+        """upsample: HOG pyramid upsampling (1 finds ~40 px faces, each step costs ~4x time).
+        min_score: HOG score a detection must exceed. dlib's own default is 0; on
+        skimage's astronaut HOG scores the mission patch on her suit 0.12, while the weakest
+        real face among the registry photos (t1.jpg) scores 0.37.
+        max_side: detect on a copy downscaled to this longest side (HOG time grows with the
+        pixel count); landmarks and embeddings still use the full image. None: never.
+        """
+        if upsample < 0:
+            raise GroupshotError(f"upsample must be >= 0, got {upsample}")
+        if max_side is not None and max_side < 64:
+            raise GroupshotError(f"max_side must be >= 64 or None, got {max_side}")
+        import dlib
+
+        self.upsample = int(upsample)
+        self.min_score = float(min_score)
+        self.max_side = max_side
+        self._models_dir = _dlib_models_dir()
+        paths = [self._models_dir / f for f in self.WEIGHT_FILES]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ModelUnavailableError(
+                f"face model 'dlib': weights missing ({', '.join(missing)}); "
+                "reinstall with: pip install --force-reinstall face-recognition-models"
+            )
+        self._dlib = dlib
+        self._detector = dlib.get_frontal_face_detector()
+        self._predictor = dlib.shape_predictor(str(paths[0]))
+        self._encoder = dlib.face_recognition_model_v1(str(paths[1]))
+        self._weights_sha256: dict[str, str] | None = None
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        image = _check_image(image)
+        height, width = image.shape[:2]
+        scale = 1.0
+        small = image
+        if self.max_side is not None and max(height, width) > self.max_side:
+            from PIL import Image
+
+            scale = self.max_side / max(height, width)
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            small = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
+        rects, scores, _ = self._detector.run(small, self.upsample, self.min_score)
+        if not rects:
+            return []
+        dlib = self._dlib
+        shapes = dlib.full_object_detections()
+        full_rects = []
+        for r in rects:
+            full = dlib.rectangle(
+                round(r.left() / scale), round(r.top() / scale),
+                round(r.right() / scale), round(r.bottom() / scale),
+            )
+            full_rects.append(full)
+            shapes.append(self._predictor(image, full))
+        descriptors = self._encoder.compute_face_descriptor(image, shapes)
+        faces = []
+        for rect, score, shape, descriptor in zip(full_rects, scores, shapes, descriptors):
+            landmarks = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+            # dlib rectangles are inclusive; +1 makes x1 - x0 the width in pixels.
+            box = (rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1)
+            faces.append(
+                Face(
+                    box=_clip_box(box, width, height),
+                    score=float(score),
+                    embedding=_unit(np.array(descriptor)),
+                    landmarks=landmarks,
+                )
+            )
+        faces.sort(key=lambda f: f.area, reverse=True)
+        return faces
+
+    def describe(self) -> dict:
+        if self._weights_sha256 is None:
+            self._weights_sha256 = {
+                f: _file_sha256(self._models_dir / f) for f in self.WEIGHT_FILES
+            }
+        return {
+            "name": self.name,
+            "model": self.model,
+            "version": f"dlib {self._dlib.__version__}, face_recognition_models "
+            f"{_package_version('face_recognition_models')}",
+            "weights_sha256": dict(self._weights_sha256),
+            "match_threshold": self.match_threshold,
+            "detector": f"hog upsample={self.upsample} min_score={self.min_score} "
+            f"max_side={self.max_side}",
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# insightface (ArcFace)
+
+
+def insightface_root(root: str | os.PathLike | None = None) -> Path:
+    """The insightface root: `root`, else $GROUPSHOT_INSIGHTFACE_ROOT, else ~/.insightface."""
+    chosen = root or os.environ.get("GROUPSHOT_INSIGHTFACE_ROOT") or "~/.insightface"
+    return Path(chosen).expanduser()
+
+
+def arcface_pack_dir(pack: str = DEFAULT_ARCFACE_PACK, root: str | os.PathLike | None = None) -> Path:
+    """Where insightface keeps (and downloads) a model pack: <root>/models/<pack>."""
+    return insightface_root(root) / "models" / pack
+
+
+def _pack_present(pack_dir: Path) -> bool:
+    return pack_dir.is_dir() and any(pack_dir.glob("*.onnx"))
+
+
+def _onnx_providers() -> list[str]:
+    import onnxruntime
+
+    # CUDA when this onnxruntime build offers it (onnxruntime-gpu), else CPU.
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class ArcFaceBackend:
+    """insightface: SCRFD detector + ArcFace recogniser (512-d), from a model pack or two files.
+
+    Either `pack` (a name under <root>/models/, or a folder path) or both `detector` and
+    `recognizer` (ONNX files; insightface routes them by their input/output shapes).
+    Never downloads: a missing pack raises ModelUnavailableError. det_size (640, 640) is
+    the single scale buffalo_l is usually run and evaluated at; None takes insightface's
+    own default (2.1: 128 and 640 px).
+    """
+
+    name = "arcface"
+    # L2 between unit embeddings; cos = 1 - d^2 / 2. deepface calibrates ArcFace on LFW
+    # at euclidean_l2 1.13 and insightface's buffalo_l at 1.10 (deepface/config/threshold.py);
+    # cosine similarity ~0.4, the usual verification cut for ArcFace models, is
+    # sqrt(2 - 2 * 0.4) = 1.095. We use 1.10 (cos ~0.395).
+    match_threshold = 1.10
+
+    def __init__(
+        self,
+        pack: str = DEFAULT_ARCFACE_PACK,
+        *,
+        root: str | os.PathLike | None = None,
+        detector: str | os.PathLike | None = None,
+        recognizer: str | os.PathLike | None = None,
+        det_size: tuple[int, int] | None = (640, 640),
+        det_thresh: float = 0.5,
+        providers: list[str] | None = None,
+    ):
+        if (detector is None) != (recognizer is None):
+            raise GroupshotError("ArcFaceBackend: give both detector= and recognizer= ONNX files, or neither")
+        self.root = insightface_root(root)
+        self.det_size = tuple(det_size) if det_size is not None else None
+        self.det_thresh = float(det_thresh)
+        self.providers = providers or _onnx_providers()
+        if detector is not None:
+            files = {"detector": Path(detector), "recognizer": Path(recognizer)}
+            for role, path in files.items():
+                if not path.is_file():
+                    raise ModelUnavailableError(f"ArcFace {role} file not found: {path}")
+            self.model = f"{files['detector'].name}+{files['recognizer'].name}"
+            self._load_files(files["detector"], files["recognizer"])
+        else:
+            # A path names a folder; a bare name is looked up under <root>/models/ only, so
+            # a folder that happens to share the name in the working directory is not used.
+            as_path = os.sep in pack or "/" in pack or pack.startswith("~")
+            pack_dir = Path(pack).expanduser() if as_path else self.root / "models" / pack
+            # Check before insightface sees the name: FaceAnalysis would try to download.
+            if not _pack_present(pack_dir):
+                raise ModelUnavailableError(
+                    f"face model pack '{pack}' not found in {pack_dir}: on a networked machine run "
+                    f"`python -c \"from insightface.app import FaceAnalysis; "
+                    f"FaceAnalysis(name='{pack}', root='{self.root}')\"` (insightface downloads "
+                    f"the pack to <root>/models/{pack}; copy it to {pack_dir} if you ran it "
+                    "elsewhere), or use --face-model dlib, which works offline"
+                )
+            self.model = pack_dir.name
+            self._load_pack(pack_dir)
+        self._weights_sha256: dict[str, str] | None = None
+
+    def _load_pack(self, pack_dir: Path) -> None:
+        from insightface.app import FaceAnalysis
+
+        # name=<folder> makes FaceAnalysis load that folder as is (no download); root= keeps
+        # any folder it might create inside our root rather than in ~/.insightface.
+        try:
+            app = FaceAnalysis(
+                name=str(pack_dir),
+                root=str(self.root),
+                allowed_modules=["detection", "recognition"],
+                providers=self.providers,
+            )
+        except AssertionError:  # insightface asserts that a pack holds a detector
+            app = None
+        for task in ("detection", "recognition"):
+            if app is None or task not in app.models:
+                raise ModelUnavailableError(
+                    f"face model pack {pack_dir} has no {task} model (*.onnx); re-download or "
+                    "replace that folder, or use --face-model dlib"
+                )
+        self._setup(app.models["detection"], app.models["recognition"])
+
+    def _load_files(self, detector: Path, recognizer: Path) -> None:
+        from insightface.model_zoo import get_model
+
+        det = get_model(str(detector), providers=self.providers)
+        rec = get_model(str(recognizer), providers=self.providers)
+        for role, model, task in (("detector", det, "detection"), ("recognizer", rec, "recognition")):
+            if model is None or model.taskname != task:
+                got = "nothing" if model is None else model.taskname
+                raise ModelUnavailableError(
+                    f"ArcFace {role} {detector if role == 'detector' else recognizer}: "
+                    f"insightface reads it as {got}, expected a {task} model"
+                )
+        self._setup(det, rec)
+
+    def _setup(self, det, rec) -> None:
+        from insightface.app.common import Face as InsightFace
+
+        det.prepare(0, input_size=self.det_size, det_thresh=self.det_thresh)
+        rec.prepare(0)
+        self._det, self._rec, self._insight_face = det, rec, InsightFace
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        image = _check_image(image)
+        height, width = image.shape[:2]
+        bgr = np.ascontiguousarray(image[:, :, ::-1])  # insightface works in OpenCV's BGR
+        boxes, keypoints = self._det.detect(bgr)
+        faces = []
+        for i in range(boxes.shape[0]):
+            kps = None if keypoints is None else np.asarray(keypoints[i], dtype=np.float32)
+            if kps is None:
+                # ArcFace embeds an aligned crop made from the 5 keypoints; without them
+                # there is nothing to embed.
+                raise ModelUnavailableError(f"ArcFace detector {self._det.model_file} gives no keypoints")
+            found = self._insight_face(bbox=boxes[i, :4], kps=kps, det_score=boxes[i, 4])
+            self._rec.get(bgr, found)
+            faces.append(
+                Face(
+                    box=_clip_box(boxes[i, :4], width, height),
+                    score=float(boxes[i, 4]),
+                    embedding=_unit(found.embedding),
+                    landmarks=kps,
+                )
+            )
+        faces.sort(key=lambda f: f.area, reverse=True)
+        return faces
+
+    def describe(self) -> dict:
+        import insightface
+
+        files = {"detector": Path(self._det.model_file), "recognizer": Path(self._rec.model_file)}
+        if self._weights_sha256 is None:
+            self._weights_sha256 = {p.name: _file_sha256(p) for p in files.values()}
+        return {
+            "name": self.name,
+            "model": self.model,
+            "version": f"insightface {insightface.__version__}",
+            "weights_sha256": dict(self._weights_sha256),
+            "match_threshold": self.match_threshold,
+            "detector": f"{files['detector'].name} det_size={self.det_size} det_thresh={self.det_thresh}",
+            "providers": list(self.providers),
+        }
+
+
+# ---------------------------------------------------------------------------------------
+
+_warned_auto_fallback = False
+
+
+def load_face_backend(name: str = "auto", *, root: str | os.PathLike | None = None) -> FaceBackend:
+    """Load a face backend by name: "arcface", "dlib", or "auto".
+
+    "auto" is arcface when its pack (buffalo_l under `root`) is present, else dlib with a
+    one-time warning; it is meant for photo checking and cropping, never for eval scores.
+    """
+    if name not in FACE_BACKENDS:
+        raise GroupshotError(f"unknown face model {name!r}: choose one of {', '.join(FACE_BACKENDS)}")
+    if name == "dlib":
+        return DlibBackend()
+    if name == "arcface":
+        return ArcFaceBackend(root=root)
+    pack_dir = arcface_pack_dir(DEFAULT_ARCFACE_PACK, root)
+    if _pack_present(pack_dir):
+        return ArcFaceBackend(root=root)
+    global _warned_auto_fallback
+    if not _warned_auto_fallback:
+        _warned_auto_fallback = True
+        logger.warning(
+            "face model: ArcFace pack %s not found in %s, using dlib (offline) for face "
+            "detection and cropping",
+            DEFAULT_ARCFACE_PACK,
+            pack_dir,
+        )
+    return DlibBackend()
