@@ -133,9 +133,9 @@ def bench_train(args, model_dir: Path, work: Path):
     same = dict(base_model=str(model_dir), method="lora", lora_rank=4, batch_size=1, resolution=512,
                 mixed_precision="bf16", max_train_steps=args.train_steps, validation_every=0, checkpoint_every=0,
                 log_every=50, face_model="dlib")
-    levers = {"compile": {"compile_unet": True}, "channels_last": {"channels_last": True},
-              "compile+channels_last": {"compile_unet": True, "channels_last": True}}
-    variants = {"lora": {}, **{k: levers[k] for k in args.train_variants}}
+    levers = {"eager": {"cuda_graph": False}, "compile": {"compile_unet": True},
+              "graph+channels_last": {"channels_last": True}, "eager+channels_last": {"cuda_graph": False, "channels_last": True}}
+    variants = {"cuda-graph": {}, **{k: levers[k] for k in args.train_variants}}
     for name, kw in variants.items():
         peak_reset()
         res = train_persona(f"bench-{name.replace('+', '-')}", [photos_dir], TrainConfig(**{**same, **kw}),

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from personas.errors import GroupshotError
+from personas import GroupshotError, replace_dir
 from personas.version import TOOLKIT_VERSION
 
 from eval.metrics import DEFINITIONS, FACE_DISTANCE_BANDS, CLIP_SCORE_BANDS, FACELESS_BANDS, Band, MetricResult
@@ -117,24 +117,12 @@ def write_report(
         (tmp / "report.md").write_text(_markdown(ctx, figures), encoding="utf-8")
         (tmp / "report.html").write_text(_html(ctx, figures), encoding="utf-8")
         _pdf(ctx, figures, sweep_fig, tmp / "report.pdf")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("report written to %s", out)
     return out
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    # Two renames: the old report steps aside, the new one steps in; the old one is deleted
-    # only once the new one is in place, so a crash leaves one whole report (or .old-*).
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(o: Any) -> Any:

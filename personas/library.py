@@ -245,14 +245,7 @@ class Library:
         write_json_atomic(staged / PERSONA_FILE, persona.to_json())
         _fsync_dir(staged)
         final = self.path(name)
-        old = None
-        if final.exists():
-            old = self.root / f".{name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(staged, final)
-        _fsync_dir(self.root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(staged, final)
         persona.path = final
         return persona
 
@@ -287,6 +280,23 @@ class Library:
             yield
         finally:
             os.close(fd)
+
+
+def replace_dir(staged: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Swap folder `staged` in for `final` with two renames; the old one goes last.
+
+    A crash between the renames leaves the old folder beside as `.NAME.old-*` (which
+    `Library.recover` restores for personas); readers never see a half-written folder.
+    """
+    staged, final = Path(staged), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(staged, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

@@ -273,7 +273,7 @@ def make_random_persona(
         adapter_sha = sha256_file(staged / ADAPTER_FILE)
     if tokens:
         table = base.text_encoder.get_input_embeddings().weight
-        emb = torch.randn(len(tokens), table.shape[1], generator=gen) * float(table.std())
+        emb = torch.randn(len(tokens), table.shape[1], generator=gen) * float(table.detach().std())
         save_embeddings(staged / EMBEDDINGS_FILE, emb, tokens)
         embeddings_sha = sha256_file(staged / EMBEDDINGS_FILE)
     persona = Persona(

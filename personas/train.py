@@ -157,9 +157,14 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
     state = json.loads((work / "state.json").read_text())
     refs = state["refs"]
     device, mp = _device_and_precision(config)
-    accelerator = Accelerator(
-        mixed_precision=mp, gradient_accumulation_steps=config.gradient_accumulation, cpu=device == "cpu"
-    )
+    # accelerate places the model and runs data parallel under `accelerate launch`; precision
+    # (autocast, loss scaling) is ours, so that one process can train several personas
+    # with different settings (accelerate's state is a process-wide singleton).
+    from accelerate.state import AcceleratorState, PartialState
+
+    if PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(cpu=device == "cpu")
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
     t_start = time.perf_counter()
 
@@ -198,13 +203,10 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
         new_emb = torch.nn.Parameter(init.repeat(len(tokens), 1).to(accelerator.device))  # (n, D)
 
         def splice(module, inputs, output):
-            ids = inputs[0]
-            hit = ids >= first_id
-            if not bool(hit.any()):
-                return output
-            out = output.clone()
-            out[hit] = new_emb[ids[hit] - first_id].to(out.dtype)
-            return out
+            ids = inputs[0]  # (B, 77)
+            rows = new_emb[(ids - first_id).clamp(0, len(tokens) - 1)].to(output.dtype)  # (B, 77, D)
+            # torch.where, not boolean indexing: no host sync, so CUDA graphs can hold it.
+            return torch.where((ids >= first_id)[..., None], rows, output)
 
         emb_layer.register_forward_hook(splice)
 
@@ -229,8 +231,14 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
         groups.append({"params": lora_params, "lr": config.learning_rate})
     if new_emb is not None:
         groups.append({"params": [new_emb], "lr": config.embedding_lr, "weight_decay": 0.0})
-    fused = accelerator.device.type == "cuda"
-    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2, **({"fused": True} if fused else {}))
+    on_gpu = accelerator.device.type == "cuda"
+    # CUDA graphs replay a whole step (forward, backward, AdamW) with one launch: the UNet's
+    # thousands of small kernels otherwise leave the GPU waiting on Python.
+    use_graph = (config.cuda_graph and on_gpu and mp != "fp16" and config.gradient_accumulation == 1
+                 and not config.prior_preservation and accelerator.num_processes == 1 and not config.compile_unet)
+    optimizer = torch.optim.AdamW(groups, weight_decay=1e-2,
+                                  **({"fused": True, "capturable": use_graph} if on_gpu else {}))
+    scaler = torch.amp.GradScaler("cuda", enabled=mp == "fp16")
 
     # -- cached inputs -----------------------------------------------------------------------
     images = [Image.open(work / r["file"]).convert("RGB") for r in refs]
@@ -265,7 +273,7 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
         losses = [tuple(x) for x in saved["losses"]]
         log.info("resuming %s at step %d", name, start_step)
 
-    unet_t, optimizer = accelerator.prepare(unet, optimizer)
+    unet_t = accelerator.prepare(unet)  # DDP-wrapped under `accelerate launch`, else unchanged
     if config.channels_last:
         unet_t.to(memory_format=torch.channels_last)
     if config.compile_unet:
@@ -292,6 +300,80 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
         nonlocal interrupted
         interrupted = True
 
+    dev = accelerator.device
+    autocast = torch.autocast(dev.type, dtype=weight_dtype, enabled=mp != "no", cache_enabled=False)
+    predicts_noise = noise_scheduler.config.prediction_type == "epsilon"
+
+    def batch_for(step: int):
+        """Step `step`'s inputs from its own generator: latents, noise, timesteps, loss weights."""
+        g = _step_generator(config.seed, step, dev)
+        b = config.batch_size * config.gradient_accumulation
+        idx = torch.randint(0, n_photos, (b,), generator=g, device=dev)
+        if config.flip:  # flipped copies sit after the originals
+            idx = idx + n_photos * (torch.rand(b, generator=g, device=dev) < 0.5).long()
+        shape = (b, *latents_mean.shape[1:])
+        eps_latent = torch.randn(shape, generator=g, device=dev)
+        noise = torch.randn(shape, generator=g, device=dev)  # (b, 4, h, w)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g, device=dev)
+        latents = (latents_mean[idx] + latents_std[idx] * eps_latent) * scaling  # (b, 4, h, w)
+        weights = 1.0 + config.face_loss_weight * face_masks[idx]  # (b, 1, h, w)
+        return latents, noise, timesteps, weights, g
+
+    def loss_of(latents, noise, timesteps, weights, g):
+        """Face-weighted denoising loss of one micro-batch (plus the prior term)."""
+        with autocast:
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w)
+            if cached_text is not None:
+                text = cached_text.expand(noisy.shape[0], -1, -1)
+            else:
+                text = text_encoder(token_ids.expand(noisy.shape[0], -1))[0]  # (B, 77, D)
+            pred = unet_t(noisy.to(weight_dtype), timesteps, text.to(weight_dtype)).sample
+            target = noise if predicts_noise else noise_scheduler.get_velocity(latents, noise, timesteps)
+            loss = ((pred.float() - target.float()) ** 2 * weights).mean() / weights.mean()
+            if prior is not None:
+                loss = loss + config.prior_loss_weight * _prior_loss(
+                    prior, unet_t, text_encoder, class_ids, noise_scheduler, g, dev, weight_dtype)
+        return loss
+
+    def eager_step(batch):
+        latents, noise, timesteps, weights, g = batch
+        total = 0.0
+        for micro in range(config.gradient_accumulation):
+            sl = slice(micro * config.batch_size, (micro + 1) * config.batch_size)
+            loss = loss_of(latents[sl], noise[sl], timesteps[sl], weights[sl], g) / config.gradient_accumulation
+            scaler.scale(loss).backward()
+            total = total + loss.detach()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return total
+
+    graph = static = static_loss = None
+    side_stream = torch.cuda.Stream() if use_graph else None
+
+    def graph_step(batch, step: int):
+        """The first steps run eagerly on a side stream (capture needs warm caches); then one
+        captured step is replayed with each step's inputs copied into its static tensors."""
+        nonlocal graph, static, static_loss
+        if step < start_step + 3:
+            side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side_stream):
+                loss = eager_step(batch)
+            torch.cuda.current_stream().wait_stream(side_stream)
+            return loss
+        if graph is None:
+            static = [t.clone() for t in batch[:4]]
+            optimizer.zero_grad(set_to_none=True)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_loss = loss_of(*static, None)
+                static_loss.backward()
+                optimizer.step()
+        for dst, src in zip(static, batch[:4]):
+            dst.copy_(src)
+        graph.replay()
+        return static_loss.detach().clone()
+
     old_handler = signal.signal(signal.SIGINT, on_sigint) if _in_main_thread() else None
     pending = []  # device loss tensors not yet read: reading each step would sync the GPU
     t_loop = time.perf_counter()
@@ -299,38 +381,9 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
     try:
         unet_t.train()
         for step in range(start_step, end_step):
-            dev = accelerator.device
-            g = _step_generator(config.seed, step, dev)
-            b = config.batch_size * config.gradient_accumulation
-            idx = torch.randint(0, n_photos, (b,), generator=g, device=dev)
-            if config.flip:  # flipped copies sit after the originals
-                idx = idx + n_photos * (torch.rand(b, generator=g, device=dev) < 0.5).long()
-            shape = (b, *latents_mean.shape[1:])  # (b, 4, h, w)
-            eps_latent = torch.randn(shape, generator=g, device=dev)
-            noise = torch.randn(shape, generator=g, device=dev)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g, device=dev)
-            latents = (latents_mean[idx] + latents_std[idx] * eps_latent) * scaling  # (b, 4, h, w)
-            weights = 1.0 + config.face_loss_weight * face_masks[idx]  # (b, 1, h, w)
-            for micro in range(config.gradient_accumulation):
-                sl = slice(micro * config.batch_size, (micro + 1) * config.batch_size)
-                with accelerator.accumulate(unet_t), accelerator.autocast():
-                    noisy = noise_scheduler.add_noise(latents[sl], noise[sl], timesteps[sl])
-                    if cached_text is not None:
-                        text = cached_text.expand(noisy.shape[0], -1, -1)
-                    else:
-                        text = text_encoder(token_ids.expand(noisy.shape[0], -1))[0]  # (B, 77, D)
-                    pred = unet_t(noisy.to(weight_dtype), timesteps[sl], text.to(weight_dtype)).sample
-                    target = noise[sl] if noise_scheduler.config.prediction_type == "epsilon" else \
-                        noise_scheduler.get_velocity(latents[sl], noise[sl], timesteps[sl])
-                    w = weights[sl]
-                    loss = ((pred.float() - target.float()) ** 2 * w).mean() / w.mean()
-                    if prior is not None:
-                        loss = loss + config.prior_loss_weight * _prior_loss(
-                            prior, unet_t, text_encoder, class_ids, noise_scheduler, g, accelerator.device, weight_dtype)
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            pending.append(loss.detach())
+            batch = batch_for(step)
+            loss = graph_step(batch, step) if use_graph else eager_step(batch)
+            pending.append(loss)
             done = step + 1
             if done % config.log_every == 0 or done == end_step:
                 now = time.perf_counter() - t_start

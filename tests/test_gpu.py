@@ -1,0 +1,31 @@
+"""GPU-only checks that the fast paths compute what the straightforward paths compute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+
+def test_cuda_graph_training_matches_eager(tmp_path, tiny_model, eileen_photos):
+    from personas.adapters import load_embeddings, load_lora
+    from personas.config import TrainConfig
+    from personas.library import Library
+    from personas.train import train_persona
+
+    cfg = dict(base_model=str(tiny_model), resolution=64, max_train_steps=12, validation_every=0,
+               checkpoint_every=0, mixed_precision="bf16", learning_rate=1e-3, embedding_lr=1e-2)
+    out = {}
+    for graph in (False, True):
+        lib = Library(tmp_path / f"g{graph}")
+        out[graph] = train_persona("p", [eileen_photos], TrainConfig(**cfg, cuda_graph=graph), library=lib,
+                                   progress=False).persona
+    a, b = load_lora(out[False].adapter_path), load_lora(out[True].adapter_path)
+    num = sum((x[1] - y[1]).norm() ** 2 for x, y in zip(a.unet.values(), b.unet.values())) ** 0.5
+    den = sum(x[1].norm() ** 2 for x in a.unet.values()) ** 0.5
+    assert num / den < 2e-2, f"graph vs eager LoRA B differ by {num / den:.3e} (bf16 tolerance 2e-2)"
+    ea, eb = load_embeddings(out[False].embeddings_path), load_embeddings(out[True].embeddings_path)
+    assert (ea - eb).norm() / ea.norm() < 2e-2
