@@ -54,7 +54,7 @@ class TrainConfig:
     validation_prompts: list[str] = _f(["a photo of {person}", "a photo of {person} wearing a suit"], "prompts for validation images")
     validation_steps: int = _f(25, "denoising steps for validation images")
     min_photos: int = _f(3, "refuse to train with fewer usable photos")
-    face_model: str = _f("auto", "face detector for photo checking: auto, arcface or dlib")
+    face_model: str = _f("auto", "face detector for photo checking: auto, arcface, dlib, or none (not a face: centre crops, no face-weighted loss)")
     log_every: int = _f(10, "write the loss to train/loss.csv every N steps (fewer host syncs on GPU)")
 
     def __post_init__(self) -> None:
@@ -88,8 +88,8 @@ class TrainConfig:
             raise bad("caption", "must contain {person}, where the persona's words go")
         if not self.class_word.strip() or not all(c.isalpha() or c in " -" for c in self.class_word):
             raise bad("class_word", "must be a plain word such as man, woman or person")
-        if self.face_model not in ("auto", "arcface", "dlib"):
-            raise bad("face_model", "choose auto, arcface or dlib")
+        if self.face_model not in ("auto", "arcface", "dlib", "none"):
+            raise bad("face_model", "choose auto, arcface, dlib or none")
 
     @property
     def alpha(self) -> float:

@@ -60,7 +60,7 @@ class Photo:
     crop_box: tuple[int, int, int, int]  # the square, in source pixels: x0, y0, x1, y1
     image: Image.Image = field(repr=False)  # RGB, resolution x resolution
     face_box: tuple[float, float, float, float]  # face in crop pixels (face-weighted loss)
-    face: Face = field(repr=False)  # as detected in the source image (source pixels)
+    face: Face | None = field(repr=False)  # as detected in the source image; None without a backend
     background_faces: int = 0  # smaller faces that were ignored
 
 
@@ -111,8 +111,10 @@ class PhotoReport:
 
 
 def _describe_accepted(photo: Photo) -> str:
-    face_h = round(photo.face.height)
     crop = photo.crop_box[2] - photo.crop_box[0]
+    if photo.face is None:
+        return f"centre crop {crop} px -> {photo.image.width} px (no face detection)"
+    face_h = round(photo.face.height)
     extra = f", {photo.background_faces} background face(s) ignored" if photo.background_faces else ""
     return f"face {face_h} px, crop {crop} px -> {photo.image.width} px{extra}"
 
@@ -244,7 +246,7 @@ def _expand(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Path
 def check_photos(
     paths: Iterable[str | os.PathLike] | str | os.PathLike,
     *,
-    backend: FaceBackend,
+    backend: FaceBackend | None,
     resolution: int = 512,
     min_side: int | None = None,
     background_face_ratio: float = 0.25,
@@ -290,7 +292,7 @@ def check_photos(
 
 def _check_one(
     path: Path,
-    backend: FaceBackend,
+    backend: FaceBackend | None,
     resolution: int,
     min_side: int,
     background_face_ratio: float,
@@ -316,6 +318,16 @@ def _check_one(
     width, height = image.size
     if min(width, height) < min_side:
         raise _Unusable(f"too small: {width}x{height} px (minimum {min_side} px on the short side)")
+
+    if backend is None:  # not a face (an object, a style, a toy pattern): centre square
+        side = min(width, height)
+        box = ((width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2)
+        crop = image.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box)
+        file_hashes[sha256] = path
+        pixel_hashes[pixel_sha] = path
+        whole = (0.0, 0.0, float(resolution), float(resolution))
+        return Photo(path=path, sha256=sha256, source_size=(width, height), crop_box=box, image=crop,
+                     face_box=whole, face=None, background_faces=0)
 
     faces = backend.detect(pixels)
     if not faces:

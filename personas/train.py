@@ -119,7 +119,7 @@ def _prepare_work_dir(work: Path, photos: Sequence[str | os.PathLike], config: T
     from personas.faces import load_face_backend
     from personas.photos import check_photos
 
-    backend = load_face_backend(config.face_model)
+    backend = None if config.face_model == "none" else load_face_backend(config.face_model)
     report = check_photos([Path(p) for p in photos], backend=backend, resolution=config.resolution)
     report.require(config.min_photos)
     tmp = work.with_name(work.name + ".new")
@@ -132,7 +132,7 @@ def _prepare_work_dir(work: Path, photos: Sequence[str | os.PathLike], config: T
         refs.append({"file": rel, "source": Path(ph.path).name, "sha256": ph.sha256,
                      "face_box": [round(float(v), 2) for v in ph.face_box]})
     photo_record = {
-        "face_backend": backend.describe(),
+        "face_backend": report.face_model,
         "accepted": [{"file": r["file"], "source": r["source"], "sha256": r["sha256"]} for r in refs],
         "rejected": [{"file": str(r.path), "reason": r.reason} for r in report.rejected],
     }

@@ -239,3 +239,19 @@ def test_config_toml_unknown_key(tmp_path):
         TrainConfig.from_toml(f)
     f.write_text("[train]\nlora_rank = 8\n")
     assert TrainConfig.from_toml(f, seed=3) == TrainConfig(lora_rank=8, seed=3)
+
+
+def test_photos_without_face_detection_are_centre_cropped(tmp_path):
+    """face_model none (objects, styles, toy patterns): every readable image is used whole."""
+    import numpy as np
+    from PIL import Image
+
+    from personas.photos import check_photos
+
+    Image.fromarray(np.full((90, 120, 3), 200, np.uint8)).save(tmp_path / "flat.png")
+    (tmp_path / "text.jpg").write_text("not an image")
+    report = check_photos([tmp_path], backend=None, resolution=64, min_side=32)
+    assert [p.path.name for p in report.accepted] == ["flat.png"]
+    assert report.accepted[0].crop_box == (15, 0, 105, 90) and report.accepted[0].image.size == (64, 64)
+    assert [r.path.name for r in report.rejected] == ["text.jpg"]
+    assert report.face_model["name"] == "none"
