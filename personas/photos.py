@@ -272,9 +272,8 @@ def check_photos(
         )
     files = _expand(paths)
 
-    report = PhotoReport(
-        paths=files, accepted=[], rejected=[], resolution=resolution, face_model=backend.describe()
-    )
+    described = backend.describe() if backend is not None else {"name": "none", "note": "no face detection"}
+    report = PhotoReport(paths=files, accepted=[], rejected=[], resolution=resolution, face_model=described)
     file_hashes: dict[str, Path] = {}
     pixel_hashes: dict[str, Path] = {}
     for path in files:
