@@ -63,7 +63,7 @@ class Persona:
     """persona.json, schema v1. `path` is where it was read from (not stored)."""
 
     name: str
-    tokens: list[str]  # learned tokens, e.g. ["<brad_0>", "<brad_1>"]; [] for plain lora
+    tokens: list[str]  # learned tokens, e.g. ["<brad>", "<brad>_1"]; [] for plain lora
     class_word: str  # "man", "woman", "person", ...
     base_model: dict[str, Any]  # {"id": ..., "revision": ... or None, "sha256": ... or None}
     method: str  # lora | ti | pivotal
@@ -104,7 +104,8 @@ class Persona:
 
     def prompt_words(self) -> str:
         """What stands for this person in a prompt: its tokens and class word."""
-        return self.trigger or " ".join([*self.tokens, self.class_word])
+        # diffusers' maybe_convert_prompt expands the first token into all of them.
+        return self.trigger or " ".join([*self.tokens[:1], self.class_word])
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

@@ -165,6 +165,13 @@ def build_components(size: str = "tiny", *, seed: int = 0, device: Any = None, d
         controlnet = ControlNetModel.from_unet(
             unet, conditioning_embedding_out_channels=cfg["controlnet_conditioning_channels"]
         )
+        # from_unet zero-initialises the output convolutions (as training starts), so a
+        # random ControlNet would add exactly nothing and tests could not see the pose.
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]
+        for conv in zero_convs:
+            torch.nn.init.normal_(conv.weight, std=0.02)
+            torch.nn.init.zeros_(conv.bias)
     parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, controlnet=controlnet)
     if dtype is not None:
         for m in parts.values():
