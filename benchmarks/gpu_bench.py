@@ -173,6 +173,7 @@ def main() -> int:
     p.add_argument("--ref-steps", type=int, default=60)
     p.add_argument("--train-steps", type=int, default=300)
     p.add_argument("--train-variants", nargs="*", default=[])
+    p.add_argument("--render-images", type=int, default=3, help="timed images per render variant (after one warm-up)")
     args = p.parse_args()
     import torch
 
@@ -188,7 +189,7 @@ def main() -> int:
     if "train" in args.parts:
         bench_train(args, model_dir, args.work)
     if "render" in args.parts:
-        from benchmarks.render_bench import bench_render  # noqa: written with compose
+        from benchmarks.render_bench import bench_render
 
         bench_render(args, model_dir, args.work, row, peak_reset, peak_gib, FLOOR_CN_IMAGE_S)
 

@@ -31,7 +31,7 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from personas import (
     DEFAULT_BASE_MODEL, DEFAULT_CONTROLNET, SCHEDULERS, TOOLKIT_VERSION, UNET_TARGETS, GroupshotError, Library,
@@ -244,7 +244,8 @@ class GroupComposer:
     checked; they stay loaded for the next."""
 
     def __init__(self, base_model: str, controlnet: str, *, device: Any = None, dtype: Any = None,
-                 library: Library | str | os.PathLike | None = None):
+                 library: Library | str | os.PathLike | None = None, cuda_graph: bool = True):
+        self.cuda_graph = cuda_graph  # replay each denoising step's network calls as one CUDA graph
         self.base_model_spec = str(base_model)
         self.controlnet_spec = str(controlnet)
         self.library = library if isinstance(library, Library) else Library(library)
@@ -260,13 +261,14 @@ class GroupComposer:
     @classmethod
     def from_pretrained(cls, base_model: str = DEFAULT_BASE_MODEL, controlnet: str = DEFAULT_CONTROLNET, *,
                         device: Any = None, dtype: Any = None,
-                        library: Library | str | os.PathLike | None = None) -> "GroupComposer":
+                        library: Library | str | os.PathLike | None = None,
+                        cuda_graph: bool = True) -> "GroupComposer":
         """A composer for a base model and OpenPose ControlNet (hub ids or local folders).
 
         device/dtype default to cuda + float16 where CUDA is available, else cpu + float32.
         `library` is a persona Library or its folder (default ./people or $GROUPSHOT_LIBRARY).
         """
-        return cls(base_model, controlnet, device=device, dtype=dtype, library=library)
+        return cls(base_model, controlnet, device=device, dtype=dtype, library=library, cuda_graph=cuda_graph)
 
     def __call__(self, request: ComposeRequest) -> RenderResult:
         """Check, load the models (once), render every image, write `<out>/<run>/` whole."""
@@ -466,9 +468,10 @@ class GroupComposer:
         with torch.no_grad():
             inputs = self._regional_inputs(plan, adapters)
         with regional.installed():
+            predict = self._noise_predictor(plan, inputs, regional)
             for seed, label in zip(seeds, labels):
                 with torch.no_grad():
-                    image = self._denoise(plan, inputs, regional, seed, output_type, label)
+                    image = self._denoise(plan, predict, seed, output_type, label)
                 yield image
 
     def _regional_inputs(self, plan: RenderPlan, adapters: list[Any]) -> "_RegionalInputs":
@@ -520,22 +523,17 @@ class GroupComposer:
             )  # (2, 3, H, W), or (1, ...) without guidance
         return _RegionalInputs(branch_person, row_text, region_text, global_text, masks_at, control, guided)
 
-    def _denoise(self, plan: RenderPlan, inputs: "_RegionalInputs", regional: Any, seed: int,
-                 output_type: str, label: str) -> Any:
-        """One image by the composite or masked method."""
+    def _noise_predictor(self, plan: RenderPlan, inputs: "_RegionalInputs", regional: Any) -> Callable[[Any, Any], Any]:
+        """The guided, region-blended noise prediction for (scaled latents, t) by the composite
+        or masked method: the ControlNet once, then the UNet; on a GPU, replayed as a graph."""
         import torch
-        from tqdm.auto import tqdm
 
-        request, pipe, unet = plan.request, self._pipes["plain"], self._base.unet
+        request, unet = plan.request, self._base.unet
         width, height = request.size
+        factor = self._pipes["plain"].vae_scale_factor
+        latent_size = (height // factor, width // factor)
         branches = len(inputs.branch_person)
         pairs = 2 if inputs.guided else 1
-        generator = torch.Generator("cpu").manual_seed(seed)
-        scheduler = pipe.scheduler = self._scheduler(request.scheduler)
-        scheduler.set_timesteps(request.steps, device=self.device)
-        extra_step = pipe.prepare_extra_step_kwargs(generator, 0.0)
-        latents = pipe.prepare_latents(1, unet.config.in_channels, height, width, self.dtype, self.device, generator)  # (1, 4, h, w)
-        latent_size = tuple(latents.shape[-2:])
         masks = inputs.masks_at(*latent_size).unsqueeze(1)  # (R, 1, h, w), summing to 1 over R
         if request.method == "composite":
             regional.use_rows(inputs.branch_person * pairs)
@@ -544,8 +542,7 @@ class GroupComposer:
         else:
             regional.use_masks(inputs.masks_at, inputs.branch_person, inputs.region_text, latent_size)
 
-        for t in tqdm(scheduler.timesteps, desc=label, unit="step", leave=False):
-            scaled = scheduler.scale_model_input(latents, t)  # (1, 4, h, w)
+        def predict(scaled: Any, t: Any) -> Any:
             residuals = {}
             if inputs.control is not None:
                 # The pose ControlNet once per step, on the unconditional + global prompt.
@@ -565,14 +562,35 @@ class GroupComposer:
                 if inputs.guided:
                     uncond, cond = noise.chunk(2)  # (R, 4, h, w) each
                     noise = uncond + request.guidance * (cond - uncond)
-                noise = (masks * noise).sum(0, keepdim=True)  # (1, 4, h, w): each region from its branch
-            else:
-                # One pass; the processors scale each LoRA by its mask and read each region's prompt.
-                noise = unet(scaled.repeat(pairs, 1, 1, 1), t, encoder_hidden_states=inputs.global_text,
-                             **residuals, return_dict=False)[0]  # (pairs, 4, h, w)
-                if inputs.guided:
-                    uncond, cond = noise.chunk(2)  # (1, 4, h, w) each
-                    noise = uncond + request.guidance * (cond - uncond)
+                return (masks * noise).sum(0, keepdim=True)  # (1, 4, h, w): each region from its branch
+            # One pass; the processors scale each LoRA by its mask and read each region's prompt.
+            noise = unet(scaled.repeat(pairs, 1, 1, 1), t, encoder_hidden_states=inputs.global_text,
+                         **residuals, return_dict=False)[0]  # (pairs, 4, h, w)
+            if inputs.guided:
+                uncond, cond = noise.chunk(2)  # (1, 4, h, w) each
+                noise = uncond + request.guidance * (cond - uncond)
+            return noise
+
+        if self.cuda_graph and self.device.type == "cuda":
+            return _GraphedCall(predict)
+        return predict
+
+    def _denoise(self, plan: RenderPlan, predict: Callable[[Any, Any], Any], seed: int,
+                 output_type: str, label: str) -> Any:
+        """One image: the scheduler's loop around `predict`, then the VAE."""
+        import torch
+        from tqdm.auto import tqdm
+
+        request, pipe, unet = plan.request, self._pipes["plain"], self._base.unet
+        width, height = request.size
+        generator = torch.Generator("cpu").manual_seed(seed)
+        scheduler = pipe.scheduler = self._scheduler(request.scheduler)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        extra_step = pipe.prepare_extra_step_kwargs(generator, 0.0)
+        latents = pipe.prepare_latents(1, unet.config.in_channels, height, width, self.dtype, self.device, generator)  # (1, 4, h, w)
+        for t in tqdm(scheduler.timesteps, desc=label, unit="step", leave=False):
+            scaled = scheduler.scale_model_input(latents, t)  # (1, 4, h, w)
+            noise = predict(scaled, t)  # (1, 4, h, w)
             latents = scheduler.step(noise, t, latents, **extra_step, return_dict=False)[0]  # (1, 4, h, w)
 
         if output_type == "latent":
@@ -686,6 +704,43 @@ class GroupComposer:
             "dtype": str(self.dtype).removeprefix("torch."),
             "timing": {"seconds_per_image": round(seconds, 4)},
         }
+
+
+class _GraphedCall:
+    """`fn(scaled, t)` captured once as a CUDA graph and replayed with new inputs.
+
+    A denoising step is a few thousand small kernels; launched one by one from Python they
+    leave the GPU idle most of the time. Two eager warm-up calls (on a side stream, as
+    capture requires) fill the lazy caches (region masks, cuBLAS handles); then one capture,
+    and every later call copies its inputs into the captured tensors and replays.
+    """
+
+    def __init__(self, fn: Callable[[Any, Any], Any], warmup: int = 2):
+        self.fn, self.warmup = fn, warmup
+        self.graph = self.inputs = self.output = None
+
+    def __call__(self, scaled: Any, t: Any) -> Any:
+        import torch
+
+        if not torch.is_tensor(t):
+            t = torch.tensor(t, device=scaled.device)
+        if self.warmup > 0:
+            self.warmup -= 1
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                out = self.fn(scaled, t)
+            torch.cuda.current_stream().wait_stream(stream)
+            return out
+        if self.graph is None:
+            self.inputs = (scaled.clone(), t.clone())
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.output = self.fn(*self.inputs)
+        self.inputs[0].copy_(scaled)
+        self.inputs[1].copy_(t)
+        self.graph.replay()
+        return self.output.clone()
 
 
 @dataclass
