@@ -64,7 +64,7 @@ def bench_render(args, model_dir: Path, work: Path, row, peak_reset, peak_gib, f
         peak_reset()
         first, steady = _time_images(lambda: composer.generate(plan, [1]), n)
         row(f"render: groupshot {label}", steady, cn_s, "s/image", floor_cn_image_s, peak_gib(),
-            f"first image {first:.2f} s (includes graph capture)")
+            f"every image re-warms and re-captures its graph; first call {first:.2f} s")
         del composer
         torch.cuda.empty_cache()
 
