@@ -47,19 +47,6 @@ def peak_gib():
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
-def make_photos(folder: Path) -> Path:
-    import skimage.data
-    from PIL import Image, ImageEnhance, ImageOps
-
-    folder.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(skimage.data.astronaut())
-    im.save(folder / "a.png")
-    ImageOps.mirror(im).save(folder / "b.jpg", quality=95)
-    im.crop((20, 0, 512, 492)).resize((480, 480)).save(folder / "c.webp")
-    ImageEnhance.Brightness(im).enhance(0.8).resize((400, 400)).save(folder / "d.jpg", quality=95)
-    return folder
-
-
 def reference_lora_steps(model_dir: Path, photos: list, steps: int = 60, warmup: int = 10, rank: int = 4):
     """A DreamBooth-LoRA step the way diffusers' train_dreambooth_lora.py takes it:
     VAE encode and text encode every step, fp32 LoRA params, AdamW, bf16 autocast,
@@ -123,7 +110,9 @@ def bench_train(args, model_dir: Path, work: Path):
     from personas.library import Library
     from personas.train import train_persona
 
-    photos_dir = make_photos(work / "photos")
+    from personas.testing import sample_photos
+
+    photos_dir = sample_photos(work / "photos", "eileen")
     photos = [Image.open(p).convert("RGB") for p in sorted(photos_dir.iterdir())]
     ref_s, ref_mem = reference_lora_steps(model_dir, photos, steps=args.ref_steps)
     row("train: reference DreamBooth-LoRA step (rank 4, bf16, VAE+text encode every step)", 1 / ref_s,

@@ -6,7 +6,8 @@
 The people come from photos that ship inside registry packages: Eileen Collins
 (scikit-image's `astronaut`, NASA, public domain) and Grace Hopper (matplotlib's sample
 photo, US Navy, public domain). One photo each, so the training set is that photo and
-three variants of it (mirror, crop, exposure); real use takes 5-20 different photos.
+three variants of it (`personas.testing.sample_photos`: mirror, crop, exposure); real
+use takes 5-20 different photos.
 With --tiny every model has random weights: the run exercises the whole loop (train,
 compose, evaluate, report) but its pictures are noise and its scores mean nothing.
 """
@@ -14,32 +15,10 @@ compose, evaluate, report) but its pictures are noise and its scores mean nothin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 PEOPLE = {"eileen": "woman", "grace": "woman"}
-
-
-def source_photos(folder: Path) -> dict[str, Path]:
-    """Four training photos per person, derived from the packaged public-domain photo."""
-    import skimage.data
-    from PIL import Image, ImageEnhance, ImageOps
-
-    spec = importlib.util.find_spec("matplotlib")
-    hopper = Path(spec.origin).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg"
-    originals = {"eileen": Image.fromarray(skimage.data.astronaut()), "grace": Image.open(hopper).convert("RGB")}
-    out = {}
-    for name, im in originals.items():
-        d = folder / name
-        d.mkdir(parents=True, exist_ok=True)
-        w, h = im.size
-        im.save(d / "1-original.png")
-        ImageOps.mirror(im).save(d / "2-mirrored.jpg", quality=95)
-        im.crop((w // 20, 0, w, h - h // 20)).save(d / "3-cropped.jpg", quality=95)
-        ImageEnhance.Brightness(im).enhance(0.85).save(d / "4-darker.jpg", quality=95)
-        out[name] = d
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.work
     library = Library(work / "people")
-    photos = source_photos(work / "photos")
+    from personas.testing import sample_photos
+
+    photos = {name: sample_photos(work / "photos" / name, name) for name in PEOPLE}
 
     if args.tiny:
         from personas.testing import write_model, write_tiny_clip

@@ -290,3 +290,34 @@ def make_random_persona(
         extra={"note": "random adapters made by personas.testing.make_random_persona"},
     )
     return library.commit(name, staged, persona)
+
+
+def sample_photos(folder: str | Path, who: str = "eileen") -> Path:
+    """Four training photos of a public-domain person, from a photo a registry package ships.
+
+    `eileen`: Eileen Collins (scikit-image's `astronaut`, NASA); `grace`: Grace Hopper
+    (matplotlib's sample photo, US Navy). The set is the photo, its mirror image, a crop and
+    a darker, smaller copy: enough for tests and the quick start, not for a real persona.
+    """
+    import importlib.util
+
+    from PIL import Image, ImageEnhance, ImageOps
+
+    if who == "eileen":
+        import skimage.data
+
+        im = Image.fromarray(skimage.data.astronaut())
+    elif who == "grace":
+        spec = importlib.util.find_spec("matplotlib")
+        im = Image.open(Path(spec.origin).parent / "mpl-data" / "sample_data" / "grace_hopper.jpg").convert("RGB")
+    else:
+        raise ValueError(f"no sample photos of {who!r}: choose eileen or grace")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = im.size
+    scaled = lambda f: (round(w * f), round(h * f))  # noqa: E731
+    im.save(folder / "a.png")
+    ImageOps.mirror(im).save(folder / "b.jpg", quality=95)
+    im.crop((round(w * 0.04), 0, w, h - round(h * 0.04))).resize(scaled(0.9375)).save(folder / "c.webp")
+    ImageEnhance.Brightness(im).enhance(0.8).resize(scaled(0.78125)).save(folder / "d.jpg", quality=95)
+    return folder

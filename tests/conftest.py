@@ -119,13 +119,6 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def eileen_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four usable photos of Eileen Collins (skimage's astronaut): original, mirrored, cropped, darker."""
-    import skimage.data
-    from PIL import ImageEnhance, ImageOps
+    from personas.testing import sample_photos
 
-    folder = tmp_path_factory.mktemp("eileen")
-    im = Image.fromarray(skimage.data.astronaut())
-    im.save(folder / "a.png")
-    ImageOps.mirror(im).save(folder / "b.jpg", quality=95)
-    im.crop((20, 0, 512, 492)).resize((480, 480)).save(folder / "c.webp")
-    ImageEnhance.Brightness(im).enhance(0.8).resize((400, 400)).save(folder / "d.jpg", quality=95)
-    return folder
+    return sample_photos(tmp_path_factory.mktemp("eileen"), "eileen")
