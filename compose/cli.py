@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="compose", description=f"Render group photos, each person with their own adapter. e.g. {EXAMPLE}")
     p.add_argument("--people", help="comma-separated persona names, e.g. brad,leo")
     p.add_argument("--prompt", help=_help("prompt"))
+    p.add_argument("--prompts", metavar="FILE", help="a prompt set instead of --prompt: one prompt per line, each its own "
+                   "run; {person} becomes the people's words ('a <brad> man'). Under `accelerate launch` the "
+                   "processes split the prompts")
     p.add_argument("--pose", help=_help("pose"))
     p.add_argument("--person-prompt", action="append", default=[], metavar="NAME=TEXT", help=_help("person_prompts") + " (repeatable)")
     p.add_argument("--assign", metavar="NAME=INDEX,...", help=_help("assign"))
@@ -69,7 +72,10 @@ def parse_person_prompts(items: list[str]) -> dict[str, str]:
 
 
 def _main(argv: list[str] | None) -> int:
+    from personas import is_main_process, process_device
+
     from compose.pipeline import GroupComposer, preview_pose, replay
+    from compose.prompt_set import read_prompt_set, render_prompt_set
     from compose.poses import list_templates, parse_assign
 
     args = build_parser().parse_args(argv)
@@ -89,18 +95,29 @@ def _main(argv: list[str] | None) -> int:
             raise GroupshotError("--preview needs --pose (a template name, skeleton image, OpenPose JSON or photo)")
         print(preview_pose(args.pose, size=size or (512, 512), people=people, assign=assign, out=args.out))
         return 0
-    if not people or args.prompt is None:
-        raise GroupshotError(f"--people and --prompt are required, e.g. {EXAMPLE}")
+    if args.prompt is not None and args.prompts is not None:
+        raise GroupshotError("give --prompt TEXT or --prompts FILE, not both")
+    prompts = read_prompt_set(args.prompts) if args.prompts is not None else None
+    if not people or (args.prompt is None and prompts is None):
+        raise GroupshotError(f"--people and --prompt are required (or --prompts FILE for a prompt set), e.g. {EXAMPLE}")
     given = dict(
         negative_prompt=args.negative_prompt, method=args.method, size=size, steps=args.steps,
         guidance=args.guidance, controlnet_scale=args.controlnet_scale, seed=args.seed,
         num_images=args.num_images, scheduler=args.scheduler,
     )
     request = ComposeRequest(
-        people=people, prompt=args.prompt, person_prompts=parse_person_prompts(args.person_prompt),
+        people=people, prompt=args.prompt if prompts is None else prompts[0], person_prompts=parse_person_prompts(args.person_prompt),
         pose=args.pose, assign=assign, out=args.out, **{k: v for k, v in given.items() if v is not None},
     )
-    composer = GroupComposer.from_pretrained(args.base_model, args.controlnet, device=args.device, library=args.library)
+    # Under `accelerate launch`, each process on its own device (cuda:<local rank>).
+    composer = GroupComposer.from_pretrained(args.base_model, args.controlnet, device=args.device or process_device(),
+                                             library=args.library)
+    if prompts is not None:
+        run_dirs = render_prompt_set(composer, request, prompts)
+        if is_main_process():
+            for run_dir in run_dirs:
+                print(run_dir)
+        return 0
     result = composer(request)
     print(result.run_dir)
     return 0

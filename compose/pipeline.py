@@ -641,6 +641,9 @@ class GroupComposer:
         import numpy as np
 
         request = plan.request
+        for persona in plan.personas:  # a broken adapter or embedding fails before anything is written
+            self._load_tokens(persona)
+            self._adapter(persona)
         out = Path(request.out)
         out.mkdir(parents=True, exist_ok=True)
         staging = out / f".run-{uuid.uuid4().hex[:8]}.tmp"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -455,9 +456,16 @@ def _pose_from_json(path: Path, size: tuple[int, int]) -> Pose:
 
 def _pose_from_image_file(path: Path, detector: str | Path | None) -> Pose:
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            rgb = np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():
+            # Between PIL's pixel limit and twice it PIL only warns; a skeleton image is never that large.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                rgb = np.asarray(im.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise GroupshotError(
+            f"--pose {path}: image too large (over {(Image.MAX_IMAGE_PIXELS or 0) / 1e6:.0f} Mpx); downscale it"
+        ) from None
     except Exception as e:  # PIL raises a zoo of types for damaged files
         raise GroupshotError(
             f"--pose {path}: cannot be read as an image ({e.__class__.__name__}: {e}); check the file"
@@ -702,7 +710,14 @@ def _detect_people_in_photo(rgb: np.ndarray, path: Path, detector: str | Path | 
     scale = min(1.0, 512 / min(h, w))
     small_size = (max(1, round(w * scale)), max(1, round(h * scale)))
     small = np.asarray(Image.fromarray(rgb).resize(small_size, Image.BILINEAR))
-    poses = OpenposeDetector(Body(str(weights))).detect_poses(small)
+    try:  # controlnet_aux reads the .pth with torch.load, which (torch >= 2.6) refuses anything but tensors
+        body = Body(str(weights))
+    except Exception as e:  # a damaged or foreign file: pickle, zip and torch errors alike
+        raise ModelUnavailableError(
+            f"--pose {path}: {weights} is not usable OpenPose detector weights ({e.__class__.__name__}); "
+            f"get {POSE_DETECTOR_FILE} from {POSE_DETECTOR_REPO} again"
+        ) from None
+    poses = OpenposeDetector(body).detect_poses(small)
     people = []
     for result in poses:
         arr = np.zeros((18, 3), np.float32)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from personas.errors import GroupshotError, run_cli
+from personas.errors import GroupshotError, OneLineArgumentParser, run_cli
 
 log = logging.getLogger("eval")
 
@@ -17,13 +17,15 @@ EXAMPLES = """examples:
   evaluate renders/beach --face-model dlib --clip-model ViT-L-14 --clip-pretrained openai
   evaluate renders/beach --base renders/beach-base
   evaluate --images my_images/ --people brad --prompts prompts.txt
+  evaluate sweep eileen photos/eileen --lr 5e-5,1e-4,5e-4 --rank 4,16 --out report/   (see evaluate sweep --help)
+  accelerate launch --num_processes 4 -m eval.cli renders/*   (the processes split the images; one report)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     from eval.clip_score import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED
 
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="evaluate",
         description="Score every face against its persona (Face Distance, Faceless Images) and every image "
         "against its prompt (CLIP Score); write report.json/.csv/.md/.html/.pdf.",
@@ -49,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-unreadable", action="store_true",
                    help="score the readable images and list the others in the report, instead of stopping")
     p.add_argument("--title", help="report title")
-    # `evaluate sweep ...` comes later: report.write_report(sweep=SweepTable(...)) already renders one.
     return p
 
 
@@ -77,6 +78,10 @@ def _check_readable(paths: Sequence[Path], skip: bool) -> None:
 def _device(name: str) -> str:
     if name != "auto":
         return name
+    from personas import process_device
+
+    if process_device() is not None:  # under `accelerate launch`: this process's own GPU
+        return process_device()
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,6 +94,11 @@ def _main(argv: Sequence[str] | None) -> int:
     from eval.report import check_output_dir, summary_lines, write_report
     from eval.scoring import list_images, load_personas, read_prompts, load_render, score_images, score_renders
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:  # `evaluate sweep ...`: train, render and score a hyperparameter grid
+        from eval.sweep_cli import sweep_main
+
+        return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
     library = Library(args.library)
     out = check_output_dir(args.out)
@@ -152,6 +162,10 @@ def _main(argv: Sequence[str] | None) -> int:
                  else [im.clip_text or "" for im in scores.images])
         base = score_images(base_files, names, texts if clip else None, library=library,
                             face_backend=face_backend, clip=clip)
+    from personas import is_main_process
+
+    if not is_main_process():  # under `accelerate launch`: every process scored its share, one writes
+        return 0
     write_report(scores, out, base=base, title=args.title)
     for line in summary_lines(scores):
         print(line)

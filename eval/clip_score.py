@@ -101,6 +101,7 @@ class ClipScorer:
                     f"{folder}, found {len(found)}; keep exactly one next to open_clip_config.json"
                 )
             weights_file = str(found[0])
+            _refuse_pickle(Path(weights_file), f"--clip-model {name}")
             pretrained = None  # open_clip picks the folder's checkpoint itself
         elif name.startswith("hf-hub:"):
             pretrained = None  # open_clip reads config and weights from the hub (or its cache)
@@ -132,6 +133,7 @@ class ClipScorer:
                         f"downloaded{offline}; {_fix_hint(name, pretrained)}"
                     ) from None
             elif Path(pretrained).is_file():
+                _refuse_pickle(Path(pretrained), "--clip-pretrained")
                 weights_file = pretrained
             else:
                 tags = list_pretrained_tags_by_model(arch)
@@ -149,7 +151,7 @@ class ClipScorer:
                 name, pretrained=pretrained, device=self.device, **kwargs
             )
             tokenizer = open_clip.get_tokenizer(name)
-        except (RuntimeError, OSError) as e:
+        except (RuntimeError, OSError, KeyError, TypeError, ValueError) as e:  # KeyError etc.: a damaged config
             raise ModelUnavailableError(
                 f"CLIP model {name} ({pretrained or 'folder weights'}) could not be loaded: "
                 f"{' '.join(str(e).split())[:200]}; {_fix_hint(name, pretrained)}"
@@ -212,6 +214,16 @@ class ClipScorer:
         img = self.image_embeddings(images)
         txt = self.text_embeddings(list(texts))
         return np.einsum("nd,nd->n", img.astype(np.float64), txt.astype(np.float64))
+
+
+def _refuse_pickle(path: Path, what: str) -> None:
+    from personas import PICKLE_SUFFIXES
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise GroupshotError(
+            f"{what}: {path} is a pickle ({path.suffix}), which can run code when loaded; groupshot reads "
+            "CLIP weights given as files only from .safetensors: convert it with a trusted tool"
+        )
 
 
 def _normalise(emb) -> np.ndarray:

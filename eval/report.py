@@ -57,6 +57,8 @@ class SweepTable:
     title: str = "Hyperparameter sweep"
     best: str | None = None  # the chosen row's name
     note: str = ""
+    curves: dict[str, list[list[float]]] = field(default_factory=dict)  # name -> [[step, loss], ...]: drawn beside the metrics
+    grid: str | None = None  # a PNG file comparing the variants' images (e.g. base model and each variant per prompt)
 
     def __post_init__(self) -> None:
         if not self.parameters or not self.metrics:
@@ -111,6 +113,8 @@ def write_report(
         figures = _loss_curves(ctx, tmp / "figures")  # name -> PNG bytes, each also figures/<name>.png
         sweep_fig = _sweep_figure(ctx.sweep) if ctx.sweep is not None and ctx.sweep.rows else None
         more = _contact_sheets(ctx) | ({} if sweep_fig is None else {"sweep": _png(sweep_fig)})
+        if ctx.sweep is not None and ctx.sweep.grid:
+            more["sweep-grid"] = Path(ctx.sweep.grid).read_bytes()
         for name, png in more.items():
             (tmp / "figures" / f"{name}.png").write_bytes(png)
         figures |= more
@@ -118,6 +122,11 @@ def write_report(
         (tmp / "report.html").write_text(_html(ctx, figures), encoding="utf-8")
         _pdf(ctx, figures, sweep_fig, tmp / "report.pdf")
         replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.filename is None:  # a failed write() names no file: name the report
+            raise OSError(e.errno, e.strerror, str(out)) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -451,30 +460,57 @@ def _png(fig) -> bytes:
 
 
 def _sweep_figure(sweep: SweepTable):
-    param = sweep.parameters[0]
+    """Each metric against the first parameter, one line per setting of the other parameters
+    (the best variant starred), and every variant's training loss when the table has curves."""
+    param, others = sweep.parameters[0], sweep.parameters[1:]
     xs = [r[param] for r in sweep.rows]
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
-    fig = _new_figure(3.2 * len(sweep.metrics) + 0.5, 3.2)
-    for i, metric in enumerate(sweep.metrics):
-        ax = fig.add_subplot(1, len(sweep.metrics), i + 1)
-        ys = [r[metric] for r in sweep.rows]
-        pts = [(x, y) for x, y in zip(xs if numeric else range(len(xs)), ys) if y is not None]
-        if numeric:
-            pts.sort()
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+    position = {x: i for i, x in enumerate(dict.fromkeys(xs))}  # categorical x: first-seen order
+    lines: dict[tuple, list[dict[str, Any]]] = {}
+    for r in sweep.rows:
+        lines.setdefault(tuple(r[k] for k in others), []).append(r)
+    panels = [*sweep.metrics, *(["training loss"] if any(sweep.curves.values()) else [])]
+    cols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig = _new_figure(3.4 * cols + 0.4, 3.0 * nrows + 0.5)
+    for i, metric in enumerate(panels):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        ax.grid(alpha=0.3)
+        if metric == "training loss":
+            for name, curve in sweep.curves.items():
+                if not curve:
+                    continue
+                steps, vals = np.array([c[0] for c in curve]), np.array([c[1] for c in curve])
+                k = max(1, len(vals) // 20)  # the mean of k steps, as personas.train.plot_loss draws it
+                if len(vals) > k > 1:
+                    steps, vals = steps[k - 1:], np.convolve(vals, np.ones(k) / k, mode="valid")
+                ax.plot(steps, vals, lw=1.2, label=name)
+            ax.set_xlabel("step")
+            ax.set_title("training loss (moving mean)", fontsize=9)
+            ax.legend(fontsize=5)
+            continue
+        for key, rows in lines.items():
+            pts = sorted((r[param] if numeric else position[r[param]], r[metric], r["name"]) for r in rows
+                         if r[metric] is not None)
+            label = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in zip(others, key))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label or None)
+            for x, y, name in pts:
+                if name == sweep.best:
+                    ax.plot([x], [y], marker="*", ms=14, color="gold", mec="black", zorder=5)
         if numeric and all(x > 0 for x in xs) and max(xs) / min(xs) >= 10:
             ax.set_xscale("log")
         if not numeric:
-            ax.set_xticks(range(len(xs)), [str(x) for x in xs], rotation=30, fontsize=7)
+            ax.set_xticks(range(len(position)), [str(x) for x in position], rotation=30, fontsize=7)
         for band in BANDS.get(metric, ()):
             for edge in (band.lo, band.hi):
                 if edge is not None:
                     ax.axhline(edge, color="grey", lw=0.5, ls=":")
         ax.set_xlabel(param)
         ax.set_title(METRIC_TITLES.get(metric, metric), fontsize=9)
-        ax.grid(alpha=0.3)
-    fig.suptitle(sweep.title, fontsize=10)
+        if others and len(lines) > 1:
+            ax.legend(fontsize=6)
+    fig.suptitle(sweep.title + ("  (star: best)" if sweep.best else ""), fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -578,6 +614,8 @@ def _markdown(ctx: _Context, figures: dict[str, bytes]) -> str:
             out += [ctx.sweep.note, ""]
         if "sweep" in figures:
             out += ["![sweep](figures/sweep.png)", ""]
+        if "sweep-grid" in figures:
+            out += ["![base model and every variant](figures/sweep-grid.png)", ""]
     out += ["## Per image", "", _md_table(HEADS["images"], _image_rows(s)), ""]
     out += ["## Definitions", ""] + [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()] + [""]
     return "\n".join(out)
@@ -735,6 +773,8 @@ def _html(ctx: _Context, figures: dict[str, bytes]) -> str:
             parts.append(f"<p>{_h(ctx.sweep.note)}</p>")
         if "sweep" in figures:
             parts.append(f'<img src="{_png_uri(figures["sweep"])}" alt="sweep">')
+        if "sweep-grid" in figures:
+            parts.append(f'<img src="{_png_uri(figures["sweep-grid"])}" alt="base model and every variant">')
     parts += ["<h2>Per image</h2>", _html_table(HEADS["images"], _image_rows(s)),
               "<h2>Definitions</h2>", "<ul>" + "".join(f"<li><b>{_h(k)}</b>: {_h(v)}</li>"
                                                          for k, v in DEFINITIONS.items()) + "</ul>",
@@ -861,15 +901,22 @@ def _pdf(ctx: _Context, figures: dict[str, bytes], sweep_fig: Any, path: Path) -
     if ctx.sweep is not None:
         head, rows = _sweep_rows(ctx.sweep)
         pages.append(_table_page(ctx.sweep.title, [("Variants", head, rows)]))
+        if ctx.sweep.note:
+            pages.append(_text_page(f"{ctx.sweep.title}: notes", [ctx.sweep.note]))
         if sweep_fig is not None:
             pages.append(sweep_fig)
+        if "sweep-grid" in figures:
+            pages.append(_png_page("Base model and every variant", figures["sweep-grid"]))
     data = _data_rows(s)
     rejected = [[n, r["file"], r["reason"][:60]] for n, p in s.personas.items() for r in p.photos_rejected]
     pages.append(_table_page("Data", [("Photos per persona", ["persona", "photos used", "rejected", "refs with a face"], data),
                                       ("Rejected photos", ["persona", "file", "reason"], rejected)]))
-    with PdfPages(path, metadata={"Title": ctx.title, "Creator": f"groupshot {TOOLKIT_VERSION}"}) as pdf:
+    # Built in memory, then written: matplotlib's PDF writer turns a full disk into a zlib error.
+    buf = io.BytesIO()
+    with PdfPages(buf, metadata={"Title": ctx.title, "Creator": f"groupshot {TOOLKIT_VERSION}"}) as pdf:
         for fig in pages:
             pdf.savefig(fig)
+    path.write_bytes(buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
+from personas import gather_items, my_share, num_processes
 from personas.errors import GroupshotError
 from personas.library import Library, Persona, sha256_file
 
@@ -227,8 +228,9 @@ def list_images(folder: str | os.PathLike, *, arg: str = "--images") -> list[Pat
     if not folder.is_dir():
         raise GroupshotError(f"{arg} {folder}: folder not found")
     files = sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.iterdir()  # broken symlinks too: the readability check names them
+        if (p.is_file() or (p.is_symlink() and not p.exists())) and not p.name.startswith(".")
+        and p.suffix.lower() in IMAGE_SUFFIXES
     )
     if not files:
         raise GroupshotError(f"{arg} {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
@@ -243,6 +245,11 @@ def load_personas(library: Library | str | os.PathLike | None, names: Iterable[s
         # verify=False: eval reads only refs/, so a persona whose adapter file moved still scores
         persona = lib.load(name, verify=False)
         if not persona.photos:
+            if "imported" in persona.extra:  # `personas import` without --refs: adapters, no photos
+                raise GroupshotError(
+                    f"persona {name!r} was imported without reference photos, so its faces cannot be scored; "
+                    f"remove it (`personas remove {name}`) and import it again with photos of the person (--refs PHOTOS)"
+                )
             raise GroupshotError(f"persona {name!r} has no reference photos (refs/); re-train it")
         out[name] = persona
     return out
@@ -541,7 +548,9 @@ def _run(jobs: list[_Job], personas: dict[str, Persona], *, library: Library, fa
         pending.clear()
 
     t1 = time.perf_counter()
-    for job in jobs:
+    # Under `accelerate launch` each process scores its share of the images; every process
+    # gets all records back, in job order (only the main process writes the report).
+    for job in my_share(jobs):
         record = ImageRecord(key=job.key, path=str(job.path), source=job.source, people=list(job.people),
                              clip_text=job.clip_text)
         images.append(record)
@@ -560,6 +569,7 @@ def _run(jobs: list[_Job], personas: dict[str, Persona], *, library: Library, fa
             if len(pending) >= clip.batch_size:
                 flush()
     flush()
+    images, people, faces = gather_items(images), gather_items(people), gather_items(faces)
     seconds = time.perf_counter() - t1
     readable = sum(im.ok for im in images)
     metrics = compute_metrics(images, people, faces, match_threshold=face_backend.match_threshold)
@@ -568,6 +578,7 @@ def _run(jobs: list[_Job], personas: dict[str, Persona], *, library: Library, fa
         "scoring_seconds": round(seconds, 3),
         "images_scored": readable,
         "images_per_second": round(readable / seconds, 3) if seconds > 0 and readable else None,
+        "processes": num_processes(),
     }
     log.info("scored %d images in %.1f s (%.2f images/s)", readable, seconds, readable / max(seconds, 1e-9))
     return Scores(

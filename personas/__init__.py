@@ -19,7 +19,7 @@ _EXPORTS = {
     "replace_dir": "personas.library",
     "LoraWeights": "personas.adapters", "load_lora": "personas.adapters", "save_lora": "personas.adapters",
     "load_embeddings": "personas.adapters", "save_embeddings": "personas.adapters",
-    "check_lora_fits": "personas.adapters", "UNET_TARGETS": "personas.adapters",
+    "check_lora_fits": "personas.adapters", "UNET_TARGETS": "personas.adapters", "PICKLE_SUFFIXES": "personas.adapters",
     # models
     "load_base_model": "personas.models", "load_controlnet": "personas.models", "load_scheduler": "personas.models",
     "same_base_model": "personas.models", "DEFAULT_BASE_MODEL": "personas.models",
@@ -29,7 +29,10 @@ _EXPORTS = {
     "check_photos": "personas.photos", "open_photo": "personas.photos", "PhotoReport": "personas.photos",
     # training
     "TrainConfig": "personas.config", "train_persona": "personas.train", "TrainResult": "personas.train",
-    "plot_loss": "personas.train",
+    "plot_loss": "personas.train", "unfinished_run": "personas.train",
+    # several processes (accelerate launch)
+    "launched": "personas.parallel", "is_main_process": "personas.parallel", "process_device": "personas.parallel",
+    "my_share": "personas.parallel", "gather_items": "personas.parallel", "num_processes": "personas.parallel",
 }
 
 __all__ = sorted([*_EXPORTS, "GroupshotError", "ModelUnavailableError", "run_cli", "TOOLKIT_VERSION"])

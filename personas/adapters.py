@@ -90,11 +90,22 @@ def _read_safetensors(path: Path, what: str) -> tuple[dict[str, Any], dict[str, 
     return tensors, meta
 
 
-def save_lora(path: str | Path, weights: LoraWeights) -> None:
-    from safetensors.torch import save_file
+def _write_safetensors(path: str | Path, tensors: dict[str, Any], metadata: dict[str, str]) -> None:
+    # Serialised in memory, written by Python: a full disk is an OSError (ENOSPC) naming the
+    # file, which the CLIs report in one line; safetensors' own writer raises its own type.
+    from safetensors.torch import save
 
+    data = save(tensors, metadata=metadata)
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:  # a failed write() names no file: say which one
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def save_lora(path: str | Path, weights: LoraWeights) -> None:
     meta = {"format": "pt", **{k: str(v) for k, v in weights.metadata.items()}}
-    save_file(weights.state_dict(), str(path), metadata=meta)
+    _write_safetensors(path, weights.state_dict(), meta)
 
 
 def load_lora(path: str | Path) -> LoraWeights:
@@ -152,12 +163,10 @@ def check_lora_fits(weights: LoraWeights, unet: Any, text_encoder: Any | None = 
 
 def save_embeddings(path: str | Path, embeddings: Any, tokens: list[str]) -> None:
     """Write learned token embeddings (n_tokens, dim) in the WebUI/diffusers layout."""
-    from safetensors.torch import save_file
-
-    save_file(
+    _write_safetensors(
+        path,
         {EMBEDDINGS_KEY: embeddings.detach().float().contiguous().cpu()},
-        str(path),
-        metadata={"format": "pt", "tokens": json.dumps(tokens)},
+        {"format": "pt", "tokens": json.dumps(tokens)},
     )
 
 

@@ -1,13 +1,37 @@
-"""`personas`: train, list, show, check and remove identity adapters. Parses and calls only."""
+"""`personas`: train, list, show, check, remove, export and import identity adapters. Parses and calls only."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from personas.errors import GroupshotError, run_cli
+from personas.errors import GroupshotError, OneLineArgumentParser, run_cli
+
+TRAIN_ALL_HELP = """Train every person of a roster, skipping those already trained with the same settings.
+
+Whole personas are spread over the GPUs, one persona per GPU at a time (each in its own
+process with CUDA_VISIBLE_DEVICES set); without GPUs, --workers N trains N at a time on the
+CPU. A failed persona is reported and does not stop the others; the exit code is 1 if any
+failed. An interrupted run continues from its checkpoint when started again; a persona
+already in the library with other settings is reported as failed (remove it to retrain).
+
+roster.toml:
+  [train]                        # TrainConfig fields for everyone (optional)
+  base_model = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+  max_train_steps = 500
+
+  [[person]]
+  name = "brad"
+  photos = ["photos/brad"]       # files or folders, relative to the roster file
+  overrides = { class_word = "man", learning_rate = 2e-4 }
+
+  [[person]]
+  name = "leo"
+  photos = "photos/leo"
+"""
 
 # flag -> TrainConfig field; the rest of TrainConfig lives in --config FILE.
 TRAIN_FLAGS = {
@@ -22,7 +46,7 @@ TRAIN_FLAGS = {
 def build_parser() -> argparse.ArgumentParser:
     from personas.config import field_help
 
-    p = argparse.ArgumentParser(prog="personas", description="Train and manage identity adapters (personas).")
+    p = OneLineArgumentParser(prog="personas", description="Train and manage identity adapters (personas).")
     p.add_argument("--library", help="persona library folder (default ./people or $GROUPSHOT_LIBRARY)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -36,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the unfinished run of NAME from its checkpoint")
     t.add_argument("--restart", action="store_true", help="discard an unfinished run of NAME and start over")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--gpus", type=int, metavar="N", help="train data-parallel on N GPUs of this machine: re-launches "
+                   "itself through `accelerate launch`; batch_size is per GPU, so the global batch is N x batch_size")
+
+    ta = sub.add_parser("train-all", help="train every person of a roster file, whole personas spread over the GPUs",
+                        description=TRAIN_ALL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ta.add_argument("roster", type=Path, help="roster TOML: [train] settings for everyone, [[person]] name, photos, overrides")
+    ta.add_argument("--gpus", type=int, metavar="N", help="use the first N visible GPUs, one persona per GPU at a time (default: all)")
+    ta.add_argument("--workers", type=int, metavar="N", help="without GPUs: N personas at a time on the CPU (default 1)")
+    ta.add_argument("--logs", type=Path, metavar="DIR", help="one log per persona (default LIBRARY/.logs)")
 
     sub.add_parser("list", help="list the personas in the library")
     s = sub.add_parser("show", help="show a persona's card")
@@ -49,6 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("remove", help="delete a persona")
     r.add_argument("name")
     sub.add_parser("env", help="versions and devices, for bug reports")
+    e = sub.add_parser("export", help="write a persona for AUTOMATIC1111 / ComfyUI / kohya (LoRA + embedding)")
+    e.add_argument("name")
+    e.add_argument("--format", default="kohya", choices=("kohya",), help="file layout (default kohya)")
+    e.add_argument("--out", type=Path, help="the LoRA file (default NAME.safetensors); the embedding goes beside it as <stem>-emb.safetensors")
+    e.add_argument("--force", action="store_true", help="replace existing files")
+    i = sub.add_parser("import", help="make a persona from an external SD1.x LoRA (kohya/Civitai or diffusers layout) and/or embedding")
+    i.add_argument("name", help="persona name: letters, digits, '_' or '-'")
+    i.add_argument("lora", nargs="?", type=Path, help="LoRA .safetensors file (pickled .ckpt/.pt/.bin are refused)")
+    i.add_argument("--embedding", type=Path, help="textual-inversion embedding .safetensors (WebUI, kohya or diffusers layout)")
+    i.add_argument("--token", help="with --embedding: its word in prompts (default <NAME>); with a LoRA only: its trigger word(s)")
+    i.add_argument("--class-word", default="person", help="what the person is (man, woman, person, ...)")
+    i.add_argument("--base-model", default=None, help="the SD1.x model the LoRA was made for and compose will use "
+                   "(default stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    i.add_argument("--refs", nargs="+", default=[], metavar="PHOTO", help="photos of the person: eval compares faces with them")
+    i.add_argument("--attention-only", action="store_true", help="keep only the UNet attention layers of a LoRA that has others")
+    i.add_argument("--face-model", default="auto", choices=("auto", "arcface", "dlib", "none"), help="face detector for --refs")
     return p
 
 
@@ -58,30 +107,112 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # --gpus re-launches it
     from personas.library import Library
 
     library = Library(args.library)
     return {"train": _train, "list": _list, "show": _show, "check": _check, "remove": _remove,
-            "env": _env}[args.cmd](args, library)
+            "env": _env, "export": _export, "import": _import, "train-all": _train_all}[args.cmd](args, library)
+
+
+def _export(args, library) -> int:
+    from personas.interop import export_persona
+
+    result = export_persona(library.load(args.name), args.out, format=args.format, overwrite=args.force)
+    for what, path in (("LoRA (kohya layout)", result.lora), ("embedding (WebUI layout)", result.embedding)):
+        if path is not None:
+            print(f"wrote {what}: {path}")
+    for line in result.usage:
+        print(f"  {line}")
+    return 0
+
+
+def _import(args, library) -> int:
+    from personas.interop import import_persona
+
+    p = import_persona(args.name, args.lora, embedding=args.embedding, token=args.token, class_word=args.class_word,
+                       base_model=args.base_model, refs=args.refs, attention_only=args.attention_only,
+                       face_model=args.face_model, library=library)
+    lora = p.extra["imported"].get("lora")
+    if lora:
+        dropped = f", {lora['dropped_layers']} non-attention layers left out" if lora["dropped_layers"] else ""
+        print(f"imported {p.name}: {lora['format']} LoRA, rank {lora['rank']}, "
+              f"{lora['unet_layers']} UNet + {lora['text_encoder_layers']} text-encoder layers{dropped}")
+    else:
+        print(f"imported {p.name}: embedding of {len(p.tokens)} vectors")
+    print(f"saved {p.path}  (use it in prompts as \"{p.prompt_words()}\")")
+    if not p.photos:
+        print(f"note: no reference photos, so `evaluate` cannot score {p.name}'s faces; to add some, remove it and import again with --refs PHOTOS")
+    return 0
 
 
 def _train(args, library) -> int:
     from personas.config import TrainConfig
     from personas.train import train_persona
 
+    if args.gpus is not None:
+        code = _gpus(args)
+        if code is not None:
+            return code
     overrides = {f: getattr(args, f) for f in TRAIN_FLAGS if getattr(args, f) is not None}
     if args.resume and args.restart:
         raise GroupshotError("--resume and --restart contradict each other: pick one")
     if args.resume and (overrides or args.photos or args.config):
         raise GroupshotError("--resume continues with the run's saved photos and settings: drop the other options")
+    try:  # the flags alone first, so that a bad value is named by the flag the user typed
+        TrainConfig(**overrides)
+    except GroupshotError as e:
+        flag = TRAIN_FLAGS.get(str(e).partition("=")[0], (None,))[0]
+        raise GroupshotError(f"{flag}: {e}" if flag else str(e)) from None
     config = TrainConfig.from_toml(args.config, **overrides) if args.config else TrainConfig(**overrides)
     result = train_persona(args.name, args.photos, config, library=library, resume=args.resume,
                            restart=args.restart, progress=not args.quiet)
     p = result.persona
+    if p is None:  # another process of a data-parallel run: the main process saved and reports
+        return 0
     mem = f", peak GPU memory {result.peak_memory_gb:.2f} GiB" if result.peak_memory_gb else ""
     print(f"trained {p.name}: {result.steps} steps at {result.steps_per_second:.2f} steps/s, "
           f"final loss {result.final_loss:.4f}{mem}")
     print(f"saved {p.path}  (use it in prompts as \"{p.prompt_words()}\")")
+    return 0
+
+
+def _gpus(args) -> int | None:
+    """--gpus N: the exit code of the same command re-launched in N processes, or None to
+    train here (N = 1, or already one of the N processes)."""
+    import subprocess
+
+    from personas.parallel import launch_command, launched, num_processes, without_option
+
+    if args.gpus < 1:
+        raise GroupshotError(f"--gpus {args.gpus}: give the number of GPUs to train on, 1 or more")
+    if launched():
+        if args.gpus != num_processes():
+            raise GroupshotError(f"--gpus {args.gpus} under a launcher running {num_processes()} processes; drop --gpus")
+        return None
+    if args.gpus == 1:
+        return None
+    import torch
+
+    have = torch.cuda.device_count()
+    if have < args.gpus:
+        raise GroupshotError(f"--gpus {args.gpus}: this machine has {have} visible CUDA GPU(s); "
+                             f"give --gpus {max(have, 1)} or fewer (CUDA_VISIBLE_DEVICES may hide some)")
+    cmd = launch_command("personas.cli", without_option(args.argv, "--gpus"), args.gpus)
+    return subprocess.run(cmd).returncode
+
+
+def _train_all(args, library) -> int:
+    from personas.roster import load_roster, summary_table, train_all
+
+    roster = load_roster(args.roster)
+    outcomes = train_all(roster, library=library, gpus=args.gpus, workers=args.workers, logs=args.logs)
+    print(summary_table(outcomes))
+    failed = [o.name for o in outcomes if o.status == "failed"]
+    if failed:
+        print(f"{len(failed)} of {len(outcomes)} failed: {', '.join(failed)} (logs in {outcomes[0].log.parent}); "
+              "run the same command again to retry them, finished ones are skipped", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -120,7 +251,10 @@ def _show(args, library) -> int:
         f"trained      {p.created_at}  groupshot {p.toolkit_version}",
     ]
     ex = p.extra
-    if ex:
+    if "imported" in ex:
+        src = ", ".join(f"{k} {v['file']} (sha256 {v['sha256'][:12]})" for k, v in ex["imported"].items())
+        lines.append(f"imported     {src}")
+    elif ex:
         lines.append(f"training     {ex.get('steps')} steps, {ex.get('steps_per_second')} steps/s, "
                      f"final loss {ex.get('final_loss')}, {ex.get('total_seconds')} s on {ex.get('device')}")
     if (p.path / "train" / "loss.png").is_file():
@@ -138,7 +272,8 @@ def _check(args, library) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         for i, ph in enumerate(report.accepted):
-            ph.image.save(args.out / f"{i:03d}-{ph.path.stem}.jpg", quality=95)
+            stem = os.fsdecode(os.fsencode(ph.path.stem)[:200])  # the name limit is 255 bytes
+            ph.image.save(args.out / f"{i:03d}-{stem}.jpg", quality=95)
         print(f"crops saved to {args.out}")
     return 0 if report.accepted else 2
 

@@ -108,7 +108,7 @@ class TrainConfig:
             )
         try:
             return cls(**data)
-        except TypeError as e:
+        except (TypeError, GroupshotError) as e:  # name the file (or roster entry) the value came from
             raise GroupshotError(f"{source}: {e}") from None
 
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 class GroupshotError(ValueError):
     """A problem with the user's input or environment that the user can fix."""
@@ -29,6 +31,11 @@ def run_cli(main, argv=None, *, prog: str) -> int:
     for noisy in ("diffusers", "transformers", "accelerate", "peft", "httpx", "huggingface_hub", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
+    # A file name that is not valid UTF-8 (kept by Python as surrogates) must print, not crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+
     def fail(msg: str) -> int:
         print(f"{prog}: error: {' '.join(str(msg).split())}", file=sys.stderr)
         return 2
@@ -45,10 +52,20 @@ def run_cli(main, argv=None, *, prog: str) -> int:
         return fail(f"{e.filename or e}: permission denied; check the folder is writable")
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return fail(f"disk full while writing {e.filename or ''}; free some space (nothing was replaced)")
+            where = f" {e.filename}" if e.filename else ""
+            return fail(f"disk full while writing{where}; free some space (nothing was replaced)")
         if e.errno == errno.EROFS:
             return fail(f"{e.filename or 'the output folder'} is on a read-only file system; choose a writable folder")
+        if e.errno == errno.ENAMETOOLONG:
+            return fail(f"{e.filename or ''}: file name too long for this file system; use a shorter name")
         raise
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line through run_cli (exit 2), not usage + message."""
+
+    def error(self, message: str) -> None:
+        raise GroupshotError(f"{message} (see {self.prog} --help)")

@@ -150,8 +150,22 @@ class Persona:
             raise GroupshotError(f"{source}: method {self.method} needs adapter_sha256")
         if not isinstance(self.base_model, dict) or "id" not in self.base_model:
             raise GroupshotError(f"{source}: base_model must be an object with an 'id'")
+        # Types of the fields the CLIs print and compose builds prompts from: a hand edit that
+        # breaks one fails here, in one line, not later in a traceback.
+        for key in ("class_word", "trigger", "created_at", "toolkit_version"):
+            if not isinstance(getattr(self, key), str):
+                raise GroupshotError(f"{source}: {key} must be text, not {getattr(self, key)!r}")
+        for key in ("adapter_sha256", "embeddings_sha256"):
+            if getattr(self, key) is not None and not isinstance(getattr(self, key), str):
+                raise GroupshotError(f"{source}: {key} must be a sha256 hex string or null")
+        for key in ("hyperparameters", "extra"):
+            if not isinstance(getattr(self, key), dict):
+                raise GroupshotError(f"{source}: {key} must be a JSON object")
+        if not isinstance(self.photos, list) or not all(isinstance(p, dict) and isinstance(p.get("file"), str)
+                                                        for p in self.photos):
+            raise GroupshotError(f"{source}: photos must be a list of objects with a 'file' path")
         for p in self.photos:
-            _inside_check(p.get("file", ""), source)
+            _inside_check(p["file"], source)
 
     def verify_files(self) -> None:
         """Check that every file persona.json names exists inside the folder with its sha256."""
@@ -259,6 +273,13 @@ class Library:
             if not (self.root / name).exists() and (p / PERSONA_FILE).is_file():
                 os.replace(p, self.root / name)
                 log.warning("restored persona %s from an interrupted save", name)
+
+    def discard_staging(self, name: str) -> None:
+        """Delete `.NAME.tmp-*` folders that a killed writer of `name` left; call it holding `lock(name)`."""
+        if self.root.is_dir():
+            for p in self.root.glob(f".{validate_name(name)}.tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+                log.info("removed %s, left by an interrupted save of %s", p.name, name)
 
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:

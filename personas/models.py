@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personas.adapters import PICKLE_SUFFIXES
 from personas.errors import ModelUnavailableError
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,11 @@ def resolve_model_folder(model: str, *, what: str = "base model", subfolder_chec
     """A local folder for `model` (a folder, or a hub id from the cache / a download)."""
     p = Path(model).expanduser()
     if p.exists():
+        if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES:
+            raise ModelUnavailableError(
+                f"{what} {model!r} is a pickle ({p.suffix}), which can run code when loaded; groupshot loads "
+                "only .safetensors weights: convert it with a trusted tool, or pass a diffusers folder or hub id"
+            )
         if not p.is_dir():
             raise ModelUnavailableError(f"{what} {model!r} is a file; pass a diffusers folder or hub id")
         if not (p / subfolder_check).is_file():
@@ -100,6 +106,22 @@ def resolve_model_folder(model: str, *, what: str = "base model", subfolder_chec
     return folder, {"id": model, "revision": folder.name}
 
 
+BASE_MODEL_WEIGHTS = ("unet", "vae", "text_encoder")
+
+
+def check_safetensors_weights(folder: Path, subfolders: tuple[str, ...], *, what: str) -> None:
+    """Refuse a model whose weights are only pickles (.bin/.ckpt/...), which can run code when loaded."""
+    for sub in subfolders:
+        d = folder / sub
+        if not any(d.glob("*.safetensors")):
+            pickles = sorted(p.name for p in d.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
+            found = f"only {', '.join(pickles)} (pickles, which can run code)" if pickles else "no weights"
+            raise ModelUnavailableError(
+                f"{what}: {d} holds {found}; groupshot loads only .safetensors weights: "
+                "convert the model with a trusted tool or use its safetensors release"
+            )
+
+
 def load_base_model(model: str = DEFAULT_BASE_MODEL, *, dtype: Any = None, device: Any = None,
                     revision: str | None = None) -> BaseModel:
     """UNet, VAE, text encoder, tokenizer and scheduler of an SD1.x model."""
@@ -110,11 +132,14 @@ def load_base_model(model: str = DEFAULT_BASE_MODEL, *, dtype: Any = None, devic
     if Path(model).suffix.lower() in SINGLE_FILE_SUFFIXES and Path(model).is_file():
         return _load_single_file(model, dtype=dtype, device=device)
     folder, identity = resolve_model_folder(model, revision=revision)
+    check_safetensors_weights(folder, BASE_MODEL_WEIGHTS, what=f"base model {model!r}")
     dtype = dtype or torch.float32
     try:
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype)
+        # use_safetensors: never fall back to a pickled .bin, which could run code
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=dtype,
+                                                     use_safetensors=True)
         tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", model_max_length=77)
     except (OSError, ValueError) as e:
         raise ModelUnavailableError(f"base model {model!r}: cannot load its components ({str(e).splitlines()[0]})") from None
@@ -156,8 +181,9 @@ def load_controlnet(model: str = DEFAULT_CONTROLNET, *, dtype: Any = None, devic
     from diffusers import ControlNetModel
 
     folder, identity = resolve_model_folder(model, what="ControlNet", subfolder_check="config.json")
+    check_safetensors_weights(folder, (".",), what=f"ControlNet {model!r}")
     try:
-        cn = ControlNetModel.from_pretrained(folder, torch_dtype=dtype or torch.float32)
+        cn = ControlNetModel.from_pretrained(folder, torch_dtype=dtype or torch.float32, use_safetensors=True)
     except (OSError, ValueError) as e:
         raise ModelUnavailableError(f"ControlNet {model!r}: cannot load it ({str(e).splitlines()[0]})") from None
     identity["sha256"] = _fingerprint(folder, "diffusion_pytorch_model*.safetensors")

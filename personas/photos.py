@@ -177,6 +177,15 @@ def _decode(data: bytes) -> Image.Image:
             raise _Unusable(f"unreadable: {e}") from None
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        if path.is_symlink() and not path.exists():
+            raise _Unusable(f"unreadable: broken symbolic link (its target {os.readlink(path)} is missing)") from None
+        raise _Unusable(f"unreadable: {e.strerror or e}") from None
+
+
 def open_photo(path: str | os.PathLike) -> Image.Image:
     """Decode a JPEG/PNG/WebP photo as upright 8-bit RGB (EXIF orientation applied).
 
@@ -184,7 +193,7 @@ def open_photo(path: str | os.PathLike) -> Image.Image:
     """
     path = Path(path)
     try:
-        return _decode(path.read_bytes())
+        return _decode(_read(path))
     except _Unusable as e:
         raise GroupshotError(f"{path}: {e}") from None
 
@@ -227,7 +236,9 @@ def _expand(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Path
         p = Path(given)
         if p.is_dir():
             # Not recursive: a subfolder (say, last run's crops) is not silently mixed in.
-            inside = sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith("."))
+            # A broken symlink is listed too, so that it is reported rather than silently left out.
+            inside = sorted(q for q in p.iterdir()
+                            if (q.is_file() or (q.is_symlink() and not q.exists())) and not q.name.startswith("."))
         elif p.is_file():
             inside = [p]
         else:
@@ -282,7 +293,7 @@ def check_photos(
                 path, backend, resolution, min_side, background_face_ratio, file_hashes, pixel_hashes
             )
         except _Unusable as e:
-            logger.info("%s: rejected: %s", path, e)
+            logger.debug("%s: rejected: %s", path, e)
             report.rejected.append(Rejection(path, str(e)))
         else:
             report.accepted.append(photo)
@@ -300,10 +311,7 @@ def _check_one(
 ) -> Photo:
     """Check and crop one photo, or raise _Unusable. The hash tables hold accepted photos
     only, so a copy of a rejected photo gets that photo's own reason."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise _Unusable(f"unreadable: {e.strerror or e}") from None
+    data = _read(path)
     sha256 = hashlib.sha256(data).hexdigest()
     if sha256 in file_hashes:
         raise _Unusable(f"duplicate of {file_hashes[sha256].name}")

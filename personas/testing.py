@@ -3,7 +3,8 @@
 `python -m personas.testing tiny-model DIR` writes a tiny Stable-Diffusion-layout folder
 (with an OpenPose-style ControlNet in DIR/controlnet) usable as `--base-model DIR`.
 `python -m personas.testing sd15-random DIR` writes the same at real SD1.5 size (random
-weights: for speed and memory measurements, not for pictures).
+weights: for speed and memory measurements, not for pictures). `python -m personas.testing
+tiny-clip DIR` writes a tiny random open_clip model for offline eval.
 """
 
 from __future__ import annotations
@@ -219,17 +220,26 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("dir", type=Path)
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--device", default=None, help="initialise weights on this device (e.g. cuda)")
+    c = sub.add_parser("tiny-clip", help="a tiny random open_clip model for offline eval (evaluate --clip-model local-dir:DIR)")
+    c.add_argument("dir", type=Path)
+    c.add_argument("--seed", type=int, default=0)
+    ph = sub.add_parser("sample-photos", help="public-domain photos of two people (Eileen Collins, Grace Hopper) in DIR/<name>/")
+    ph.add_argument("dir", type=Path)
     args = p.parse_args(argv)
     if args.dir.exists() and any(args.dir.iterdir()):
         print(f"error: {args.dir} exists and is not empty; pick a new folder", file=sys.stderr)
         return 2
-    write_model(args.dir, "tiny" if args.cmd == "tiny-model" else "sd15", seed=args.seed, device=args.device)
+    if args.cmd == "sample-photos":
+        for who in ("eileen", "grace"):
+            print(sample_photos(args.dir / who, who))
+        return 0
+    if args.cmd == "tiny-clip":
+        write_tiny_clip(args.dir, seed=args.seed)
+    else:
+        write_model(args.dir, "tiny" if args.cmd == "tiny-model" else "sd15", seed=args.seed, device=args.device)
     print(args.dir)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # -- random personas (compose and eval tests) ------------------------------------------------
@@ -321,3 +331,39 @@ def sample_photos(folder: str | Path, who: str = "eileen") -> Path:
     im.crop((round(w * 0.04), 0, w, h - round(h * 0.04))).resize(scaled(0.9375)).save(folder / "c.webp")
     ImageEnhance.Brightness(im).enhance(0.8).resize(scaled(0.78125)).save(folder / "d.jpg", quality=95)
     return folder
+
+
+# -- a tiny CLIP for eval (open_clip layout) ---------------------------------------------------
+
+# A CLIP small enough to build in milliseconds: 32 px images, one layer per tower. Its
+# scores are meaningless (random weights); it lets eval run offline end to end.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """An open_clip `local-dir:` folder (open_clip_config.json + random weights as safetensors),
+    usable as `evaluate --clip-model local-dir:FOLDER`."""
+    import torch
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
+    torch.manual_seed(seed)
+    model = CLIP(**TINY_CLIP_CONFIG)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    (folder / "GROUPSHOT_TEST_MODEL.txt").write_text(
+        f"Random CLIP weights (seed {seed}) written by `python -m personas.testing tiny-clip`.\n"
+        "For tests and offline examples only: its scores mean nothing.\n",
+        encoding="utf-8",
+    )
+    return folder
+
+
+if __name__ == "__main__":
+    sys.exit(main())

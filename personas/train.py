@@ -4,10 +4,16 @@ The loop reads top to bottom: check photos, load the base model, cache latents (
 caption's text embedding when nothing in the text path trains), then optimise. Every
 random draw of step k comes from a generator seeded by (seed, k), so a run resumed from
 a checkpoint takes exactly the steps an uninterrupted run would have taken.
+
+Under `accelerate launch` (or `personas train --gpus N`) the loop runs data-parallel: the
+UNet is DDP-wrapped, the gradients of the parameters outside it (new tokens, text-encoder
+LoRA) are averaged by hand, every process takes its slice of the same global batch, and
+only the main process writes the work folder, checkpoints and the persona.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -26,9 +32,11 @@ from personas.errors import GroupshotError
 from personas.library import (
     ADAPTER_FILE, EMBEDDINGS_FILE, Library, Persona, sha256_file, utc_now, validate_name, write_json_atomic,
 )
+from personas.parallel import process_state, run_on_main
 
 log = logging.getLogger(__name__)
 
+REF_RESOLUTION = 512  # the smallest size refs/ are stored at
 WORK_DIR = ".work"  # <library>/.work/<name>/: checkpoints of an unfinished run, never the persona itself
 
 
@@ -90,38 +98,96 @@ def train_persona(
     """
     validate_name(name)
     library = library or Library()
-    library.recover()
     work = library.root / WORK_DIR / name
-    with library.lock(name):
-        state_file = work / "state.json"
-        if resume:
-            if not state_file.is_file():
-                raise GroupshotError(f"no unfinished training of {name!r} to resume in {work}; start it without --resume")
-            saved = json.loads(state_file.read_text())
-            config = TrainConfig.from_dict(saved["config"], source=str(state_file))
-        elif work.exists():
-            if not restart and state_file.is_file():
-                step = json.loads(state_file.read_text()).get("step", 0)
-                raise GroupshotError(
-                    f"{name!r} has an unfinished training run (step {step}) in {work}; "
-                    "pass --resume to continue it or --restart to discard it"
-                )
-            shutil.rmtree(work)
-        if not resume:
-            if not photos:
-                raise GroupshotError("no photos given: pass photo files or folders after the persona name")
-            _prepare_work_dir(work, photos, config)
+    with contextlib.ExitStack() as held:
+        def setup() -> TrainConfig:
+            # Under `accelerate launch` only the main process holds the lock, checks the
+            # photos and writes the work folder; the others get its config (or its error).
+            # Every check that writes nothing comes first: a bad input leaves the library as it was.
+            report = _check_before_writing(name, work, photos, config, resume=resume, restart=restart)
+            library.recover()
+            held.enter_context(library.lock(name))
+            library.discard_staging(name)  # a save that was killed half way
+            return _setup_work_dir(name, work, report, config, resume=resume, restart=restart)
+
+        config = run_on_main(setup)
         return _train(name, config, library, work, progress=progress, stop_after=stop_after)
 
 
-def _prepare_work_dir(work: Path, photos: Sequence[str | os.PathLike], config: TrainConfig) -> None:
-    """Check photos (before any model loads), write the crops and the run's state."""
+def _check_before_writing(name: str, work: Path, photos: Sequence[str | os.PathLike] | None, config: TrainConfig, *,
+                          resume: bool, restart: bool) -> Any:
+    """Refuse a run before anything is written: no run to resume (or one in the way), a
+    precision the device lacks, a base model that is missing or pickled, unusable photos.
+    Returns the photo report (None when resuming: the run's photos are already cropped)."""
+    from personas.models import SINGLE_FILE_SUFFIXES, BASE_MODEL_WEIGHTS, check_safetensors_weights, resolve_model_folder
+
+    state_file = work / "state.json"
+    if resume:
+        if not state_file.is_file():
+            raise GroupshotError(f"no unfinished training of {name!r} to resume in {work}; start it without --resume")
+        config = TrainConfig.from_dict(json.loads(state_file.read_text())["config"], source=str(state_file))
+    elif state_file.is_file() and not restart:
+        return None  # _setup_work_dir says what to do, under the lock
+    _device_and_precision(config)
+    path = Path(config.base_model).expanduser()
+    if not (path.suffix.lower() in SINGLE_FILE_SUFFIXES and path.is_file()):
+        folder, _ = resolve_model_folder(config.base_model)
+        check_safetensors_weights(folder, BASE_MODEL_WEIGHTS, what=f"base model {config.base_model!r}")
+    if resume:
+        return None
+    if not photos:
+        raise GroupshotError("no photos given: pass photo files or folders after the persona name")
+    return _check_training_photos(photos, config)
+
+
+def _setup_work_dir(name: str, work: Path, report: Any, config: TrainConfig, *,
+                    resume: bool, restart: bool) -> TrainConfig:
+    """The run's config: the saved one (resume) or `config` with a fresh work folder (of the
+    photos in `report`, from _check_before_writing)."""
+    state_file = work / "state.json"
+    if resume:
+        if not state_file.is_file():
+            raise GroupshotError(f"no unfinished training of {name!r} to resume in {work}; start it without --resume")
+        saved = json.loads(state_file.read_text())
+        return TrainConfig.from_dict(saved["config"], source=str(state_file))
+    if work.exists():
+        if not restart and state_file.is_file():
+            step = json.loads(state_file.read_text()).get("step", 0)
+            raise GroupshotError(
+                f"{name!r} has an unfinished training run (step {step}) in {work}; "
+                "pass --resume to continue it or --restart to discard it"
+            )
+        shutil.rmtree(work)
+    if report is None:  # another process finished or removed the run while this one started
+        raise GroupshotError(f"the unfinished run of {name!r} changed while starting; run the command again")
+    _prepare_work_dir(work, report, config)
+    return config
+
+
+def unfinished_run(library: Library, name: str) -> tuple[int, TrainConfig] | None:
+    """(step, config) of an unfinished run of `name` (what `resume=True` would continue), or None."""
+    state_file = library.root / WORK_DIR / validate_name(name) / "state.json"
+    if not state_file.is_file():
+        return None
+    saved = json.loads(state_file.read_text())
+    return int(saved.get("step", 0)), TrainConfig.from_dict(saved["config"], source=str(state_file))
+
+
+def _check_training_photos(photos: Sequence[str | os.PathLike], config: TrainConfig) -> Any:
+    """Check photos (before any model loads): a PhotoReport with at least min_photos accepted."""
     from personas.faces import load_face_backend
     from personas.photos import check_photos
 
     backend = None if config.face_model == "none" else load_face_backend(config.face_model)
-    report = check_photos([Path(p) for p in photos], backend=backend, resolution=config.resolution)
-    report.require(config.min_photos)
+    # refs/ serve eval as face references too, so they are kept at >= REF_RESOLUTION even
+    # when training runs smaller (a 64 px face crop is too small for any face detector).
+    report = check_photos([Path(p) for p in photos], backend=backend, min_side=config.resolution // 2,
+                          resolution=max(config.resolution, REF_RESOLUTION))
+    return report.require(config.min_photos)
+
+
+def _prepare_work_dir(work: Path, report: Any, config: TrainConfig) -> None:
+    """Write the checked photos' crops and the run's state into a fresh work folder."""
     tmp = work.with_name(work.name + ".new")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "refs").mkdir(parents=True)
@@ -129,17 +195,22 @@ def _prepare_work_dir(work: Path, photos: Sequence[str | os.PathLike], config: T
     for i, ph in enumerate(report.accepted):
         rel = f"refs/{i:03d}.jpg"
         ph.image.save(tmp / rel, quality=95)
-        refs.append({"file": rel, "source": Path(ph.path).name, "sha256": ph.sha256,
+        refs.append({"file": rel, "source": _text(Path(ph.path).name), "sha256": ph.sha256,
                      "face_box": [round(float(v), 2) for v in ph.face_box]})
     photo_record = {
         "face_backend": report.face_model,
         "accepted": [{"file": r["file"], "source": r["source"], "sha256": r["sha256"]} for r in refs],
-        "rejected": [{"file": str(r.path), "reason": r.reason} for r in report.rejected],
+        "rejected": [{"file": _text(str(r.path)), "reason": r.reason} for r in report.rejected],
     }
     write_json_atomic(tmp / "photos.json", photo_record)
     write_json_atomic(tmp / "state.json", {"config": config.to_dict(), "refs": refs, "step": 0})
     work.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, work)
+
+
+def _text(file_name: str) -> str:
+    """A file name as JSON can hold it: bytes that are not UTF-8 become \\xNN escapes."""
+    return os.fsencode(file_name).decode("utf-8", "backslashreplace")
 
 
 def _train(name: str, config: TrainConfig, library: Library, work: Path, *, progress: bool,
@@ -160,11 +231,16 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
     # accelerate places the model and runs data parallel under `accelerate launch`; precision
     # (autocast, loss scaling) is ours, so that one process can train several personas
     # with different settings (accelerate's state is a process-wide singleton).
-    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState
 
-    if PartialState().num_processes == 1:
+    if process_state().num_processes == 1:
         AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=device == "cpu")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1 and config.prior_preservation:
+        # The prior term is a second forward through the DDP-wrapped UNet per backward; not
+        # supported data-parallel yet.
+        raise GroupshotError("prior_preservation=true is not supported with several processes yet; train on one GPU")
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mp]
     t_start = time.perf_counter()
 
@@ -263,7 +339,7 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
     losses: list[tuple[int, float, float]] = []  # (step, loss, seconds since start)
     ckpt = work / "checkpoint.pt"
     if ckpt.is_file() and state.get("step", 0) > 0:
-        saved = torch.load(ckpt, map_location=accelerator.device, weights_only=True)
+        saved = _load_torch_file(ckpt, accelerator.device, keys=("step", "lora", "new_emb", "optimizer", "losses"))
         for p, v in zip(lora_params, saved["lora"]):
             p.data.copy_(v)
         if new_emb is not None:
@@ -305,9 +381,17 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
     predicts_noise = noise_scheduler.config.prediction_type == "epsilon"
 
     def batch_for(step: int):
-        """Step `step`'s inputs from its own generator: latents, noise, timesteps, loss weights."""
+        """Step `step`'s inputs from its own generator: latents, noise, timesteps, loss weights,
+        the loss normaliser and the generator.
+
+        Data parallel: every process draws the whole global batch (batch_size x accumulation
+        x processes) from the same (seed, step) stream and keeps its own slice, picked by its
+        process index. So N processes at batch B train on exactly the batch that one process
+        at batch N*B draws, and the face weights are normalised over that global batch: the
+        averaged gradient is the one-process gradient, up to float rounding.
+        """
         g = _step_generator(config.seed, step, dev)
-        b = config.batch_size * config.gradient_accumulation
+        b = config.batch_size * config.gradient_accumulation * world
         idx = torch.randint(0, n_photos, (b,), generator=g, device=dev)
         if config.flip:  # flipped copies sit after the originals
             idx = idx + n_photos * (torch.rand(b, generator=g, device=dev) < 0.5).long()
@@ -317,10 +401,13 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=g, device=dev)
         latents = (latents_mean[idx] + latents_std[idx] * eps_latent) * scaling  # (b, 4, h, w)
         weights = 1.0 + config.face_loss_weight * face_masks[idx]  # (b, 1, h, w)
-        return latents, noise, timesteps, weights, g
+        norm = weights.mean()  # over the global batch, micro-batches and processes alike
+        mine = slice(rank * b // world, (rank + 1) * b // world)
+        return latents[mine], noise[mine], timesteps[mine], weights[mine], norm, g
 
-    def loss_of(latents, noise, timesteps, weights, g):
-        """Face-weighted denoising loss of one micro-batch (plus the prior term)."""
+    def loss_of(latents, noise, timesteps, weights, norm, g):
+        """Face-weighted denoising loss of one micro-batch (plus the prior term); `norm` is the
+        mean face weight of the step's global batch (None: of this micro-batch)."""
         with autocast:
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # (B, 4, h, w)
             if cached_text is not None:
@@ -329,20 +416,32 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
                 text = text_encoder(token_ids.expand(noisy.shape[0], -1))[0]  # (B, 77, D)
             pred = unet_t(noisy.to(weight_dtype), timesteps, text.to(weight_dtype)).sample
             target = noise if predicts_noise else noise_scheduler.get_velocity(latents, noise, timesteps)
-            loss = ((pred.float() - target.float()) ** 2 * weights).mean() / weights.mean()
+            loss = ((pred.float() - target.float()) ** 2 * weights).mean() / (weights.mean() if norm is None else norm)
             if prior is not None:
                 loss = loss + config.prior_loss_weight * _prior_loss(
                     prior, unet_t, text_encoder, class_ids, noise_scheduler, g, dev, weight_dtype)
         return loss
 
+    # DDP averages the UNet's LoRA gradients; the new token vectors and a text-encoder LoRA
+    # live outside the wrapped UNet, so their gradients are averaged here.
+    unet_param_ids = {id(p) for p in unet.parameters()}
+    outside_ddp = [p for group in groups for p in group["params"] if id(p) not in unet_param_ids]
+
     def eager_step(batch):
-        latents, noise, timesteps, weights, g = batch
+        latents, noise, timesteps, weights, norm, g = batch
         total = 0.0
         for micro in range(config.gradient_accumulation):
             sl = slice(micro * config.batch_size, (micro + 1) * config.batch_size)
-            loss = loss_of(latents[sl], noise[sl], timesteps[sl], weights[sl], g) / config.gradient_accumulation
-            scaler.scale(loss).backward()
+            last = micro == config.gradient_accumulation - 1
+            with contextlib.nullcontext() if last or world == 1 else accelerator.no_sync(unet_t):
+                loss = loss_of(latents[sl], noise[sl], timesteps[sl], weights[sl], norm, g) / config.gradient_accumulation
+                scaler.scale(loss).backward()
             total = total + loss.detach()
+        if world > 1:
+            for p in outside_ddp:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(world)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -366,7 +465,7 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
             optimizer.zero_grad(set_to_none=True)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                static_loss = loss_of(*static, None)
+                static_loss = loss_of(*static, None, None)
                 static_loss.backward()
                 optimizer.step()
         for dst, src in zip(static, batch[:4]):
@@ -387,7 +486,10 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
             done = step + 1
             if done % config.log_every == 0 or done == end_step:
                 now = time.perf_counter() - t_start
-                for k, l in enumerate(torch.stack(pending).float().cpu().tolist()):
+                logged = torch.stack(pending).float()
+                if world > 1:  # the loss of the global batch: the mean of the processes' losses
+                    logged = accelerator.reduce(logged, reduction="mean")
+                for k, l in enumerate(logged.cpu().tolist()):
                     losses.append((done - len(pending) + k + 1, l, now))
                 pending.clear()
                 bar.set_postfix(loss=f"{losses[-1][1]:.4f}")
@@ -403,6 +505,10 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
                     f"continue with `personas train {name} --resume`"
                 )
         step = end_step
+    except torch.cuda.OutOfMemoryError:
+        # Nothing is saved now (the GPU is in no state to); the last checkpoint and any earlier
+        # persona of this name stay as they were.
+        raise GroupshotError(_out_of_memory_message(name, config, mp, step, work)) from None
     finally:
         bar.close()
         if old_handler is not None:
@@ -417,6 +523,9 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
 
     # -- save: build the persona beside the library, then swap it in ---------------------------
     if not accelerator.is_main_process:
+        # Returns once the main process has saved the persona: a next stage of the same
+        # processes finds it in the library. (If the main process fails, the launcher stops us.)
+        accelerator.wait_for_everyone()
         return TrainResult(None, end_step, loop_seconds, steps_done / loop_seconds, losses[-1][1], _peak_gb())  # type: ignore[arg-type]
     unet_raw = accelerator.unwrap_model(unet_t)
     staged = library.staging(name)
@@ -453,7 +562,9 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
             extra={"steps": end_step, "final_loss": losses[-1][1] if losses else None,
                    "train_seconds": round(loop_seconds, 2), "total_seconds": round(total, 2),
                    "steps_per_second": round(steps_done / max(loop_seconds, 1e-9), 3),
-                   "device": str(accelerator.device), "mixed_precision": mp, "peak_memory_gb": _peak_gb(),
+                   "device": str(accelerator.device), "processes": world,
+                   "global_batch_size": config.batch_size * config.gradient_accumulation * world,
+                   "mixed_precision": mp, "peak_memory_gb": _peak_gb(),
                    "caption": caption},
         )
         persona = library.commit(name, staged, persona)
@@ -461,8 +572,46 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
         shutil.rmtree(staged, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
+    accelerator.wait_for_everyone()  # the other processes return now (a no-op alone)
     return TrainResult(persona, end_step, loop_seconds, steps_done / max(loop_seconds, 1e-9),
                        losses[-1][1] if losses else math.nan, _peak_gb())
+
+
+def _out_of_memory_message(name: str, config: TrainConfig, mp: str, step: int, work: Path) -> str:
+    """One line: what ran out of memory, with which settings, and the settings that need less."""
+    import torch
+
+    where = ""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        where = f" on {props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    less = []  # from the biggest saving to the smallest
+    if config.batch_size > 1:
+        less.append(f"batch_size = 1 with gradient_accumulation = {config.batch_size * config.gradient_accumulation} "
+                    "(same effective batch)")
+    if not config.gradient_checkpointing:
+        less.append("gradient_checkpointing = true")
+    if mp == "no":
+        less.append("--mixed-precision fp16 (bf16 where supported)")
+    if config.resolution > 256:
+        less.append(f"--resolution {max(256, config.resolution * 3 // 4 // 64 * 64)}")
+    if config.text_encoder_lora:
+        less.append("text_encoder_lora = false")
+    if config.cuda_graph:
+        less.append("cuda_graph = false")
+    if config.prior_preservation:
+        less.append("prior_preservation = false")
+    state_file = work / "state.json"
+    saved = json.loads(state_file.read_text()).get("step", 0) if state_file.is_file() else 0
+    kept = f"the checkpoint at step {saved} is kept until then" if saved else "no checkpoint was saved"
+    return (
+        f"out of GPU memory at step {step + 1} of training {name!r}{where} with batch_size={config.batch_size}, "
+        f"resolution={config.resolution}, mixed_precision={mp}, gradient_checkpointing="
+        f"{str(config.gradient_checkpointing).lower()}; settings that need less memory: "
+        + ("; ".join(less) if less else "none left: use a GPU with more memory")
+        + f" (the = ones in a --config file); start again with them and --restart ({kept}, "
+        "and an earlier persona of this name is unchanged)"
+    )
 
 
 def _in_main_thread() -> bool:
@@ -495,12 +644,27 @@ def _encode_photos(vae, images, face_boxes, config: TrainConfig, device):
             stds.append(dist.std)
     mean, std = torch.cat(means), torch.cat(stds)  # (2N, 4, h, w)
     h, w = mean.shape[-2:]
-    f = config.resolution / w
     masks = torch.zeros(len(images), 1, h, w)
     for i, (x0, y0, x1, y1) in enumerate(face_boxes):
+        f = images[i].width / w  # face boxes are in the stored photo's pixels
         masks[i, 0, int(y0 / f): math.ceil(y1 / f), int(x0 / f): math.ceil(x1 / f)] = 1.0
     masks = torch.cat([masks, masks.flip(-1)]).to(device)  # (2N, 1, h, w)
     return mean, std, masks
+
+
+def _load_torch_file(path: Path, device, keys: tuple[str, ...] = ()) -> Any:
+    """A file of the work folder, read with weights_only (tensors and plain containers, never
+    code); anything else, such as a planted pickle, is refused with the way out."""
+    import torch
+
+    try:
+        data = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors alike: not a file this run wrote
+        raise GroupshotError(f"{path}: not a file groupshot wrote ({type(e).__name__}); "
+                             "discard the unfinished run with --restart") from None
+    if keys and not (isinstance(data, dict) and set(keys) <= set(data)):
+        raise GroupshotError(f"{path}: not a groupshot checkpoint; discard the unfinished run with --restart")
+    return data
 
 
 def _class_latents(base, config: TrainConfig, device, dtype, work: Path):
@@ -509,7 +673,7 @@ def _class_latents(base, config: TrainConfig, device, dtype, work: Path):
 
     cache = work / "class_latents.pt"
     if cache.is_file():
-        return torch.load(cache, map_location=device, weights_only=True)
+        return _load_torch_file(cache, device)
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(**base.components(), safety_checker=None, feature_extractor=None,

@@ -115,7 +115,7 @@ def test_console_script_has_no_traceback(tmp_path):
 
 
 def test_full_run_on_real_faces(setup, tmp_path, capsys):
-    from test_eval_clip_score import write_tiny_clip
+    from personas.testing import write_tiny_clip
 
     clip = write_tiny_clip(tmp_path / "clip")
     out = tmp_path / "report"

@@ -11,29 +11,10 @@ import pytest
 from PIL import Image
 
 from personas.errors import GroupshotError, ModelUnavailableError
+from personas.testing import TINY_CLIP_CONFIG, write_tiny_clip
 
-# A CLIP small enough to build in milliseconds: 32 px images, one layer per tower.
-TINY_CLIP_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 OPENAI_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 OPENAI_STD = np.array([0.26862954, 0.26130258, 0.27577711])
-
-
-def write_tiny_clip(folder: Path, seed: int = 0) -> Path:
-    """An open_clip `local-dir:` folder: open_clip_config.json + random weights (safetensors)."""
-    import torch
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
-    torch.manual_seed(seed)
-    model = CLIP(**TINY_CLIP_CONFIG)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
-    return folder
 
 
 @pytest.fixture(scope="module")

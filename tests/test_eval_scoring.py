@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 from personas.errors import GroupshotError
 from personas.library import Persona, write_json_atomic
 
-from test_eval_clip_score import write_tiny_clip
+from personas.testing import write_tiny_clip
 
 # Where dlib (HOG, upsample 1) finds the faces: astronaut (512x512) and Grace Hopper cropped
 # to 512x512 (rows 40-552). Used only to cut the reference crops and draw the regions.
