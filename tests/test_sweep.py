@@ -11,6 +11,19 @@ from personas.config import TrainConfig
 from personas.errors import GroupshotError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One torch thread here: on this shared 2-core machine OpenMP's spinning threads make
+    the tiny model's small ops many times slower when the cores are busy (measured: the
+    sweep below 198 s -> 75 s wall at load 5)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _row(name, fd, clip, faceless):
     return {"name": name, "face_distance": fd, "clip_score": clip, "faceless_images": faceless}
 
