@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", metavar="RENDER_JSON", help="render a run again from its render.json (same images)")
     p.add_argument("--list-poses", action="store_true", help="list the built-in pose templates")
     p.add_argument("--preview", action="store_true", help="with --pose: write the skeleton and mask overlay only (no model)")
+    p.add_argument("--ui", action="store_true", help="start the web demo (people, compose, scores) on 127.0.0.1")
+    p.add_argument("--port", type=int, default=7860, help="with --ui: the port (default 7860)")
+    p.add_argument("--share", action="store_true", help="with --ui: also a public gradio.live link (off unless asked)")
+    p.add_argument("--ui-config", metavar="FILE", help="with --ui: TOML of the demo's settings and [train] defaults")
     return p
 
 
@@ -79,6 +83,15 @@ def _main(argv: list[str] | None) -> int:
     from compose.poses import list_templates, parse_assign
 
     args = build_parser().parse_args(argv)
+    if args.ui:
+        from compose.ui import Demo, DemoSettings, launch
+
+        settings = DemoSettings.from_toml(args.ui_config, base_model=args.base_model) if args.ui_config else DemoSettings()
+        launch(Demo(settings, base_model=args.base_model, controlnet=args.controlnet, library=args.library,
+                    out=args.out, device=args.device), port=args.port, share=args.share)
+        return 0
+    if args.share or args.ui_config:
+        raise GroupshotError("--share and --ui-config go with --ui")
     if args.list_poses:
         for name, n, description in list_templates():
             print(f"{name:15} {n}  {description}")

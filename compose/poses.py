@@ -344,7 +344,8 @@ def _check_size(size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    # JSON integers have no size limit; one beyond float's range (1e308) is not a coordinate.
+    return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**1000)
 
 
 def _head_x(person: np.ndarray) -> float:

@@ -214,8 +214,14 @@ def load_render(folder: str | os.PathLike) -> Render:
 
     req = data.get("request") if isinstance(data.get("request"), dict) else {}
     size = req.get("size")
-    size = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) and len(size) == 2 else None
+    if size is not None:
+        if not (isinstance(size, list) and len(size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise GroupshotError(f"{source}: request.size {size!r} must be [width, height] in pixels; the file is damaged")
+        size = (size[0], size[1])
     clip_text = data.get("global_prompt_for_clip") or req.get("prompt")
+    if clip_text is not None and not isinstance(clip_text, str):
+        raise GroupshotError(f"{source}: global_prompt_for_clip {clip_text!r} must be text; the file is damaged")
     return Render(path=folder, data=data, people=people, images=images, clip_text=clip_text, size=size)
 
 

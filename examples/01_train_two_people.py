@@ -20,10 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     from personas import Library, TrainConfig, check_photos, load_face_backend, train_persona
 
     library = Library(ex.library)
+    faces = load_face_backend(TrainConfig(**ex.train).face_model)
     for name, photos in ex.photos.items():
         # What the trainer will use, and why any photo is left out.
         config = TrainConfig(base_model=ex.base_model, class_word=ex.class_words[name], **ex.train)
-        report = check_photos([photos], backend=load_face_backend(config.face_model), resolution=config.resolution)
+        report = check_photos([photos], backend=faces, resolution=config.resolution)
         print(report.table())
 
         # restart: a run stopped half-way is discarded; `personas train NAME --resume` would continue it.

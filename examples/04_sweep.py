@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     return evaluate([
         "sweep", name, str(ex.photos[name]), "--class-word", ex.class_words[name], "--base-model", ex.base_model,
         "--lr", TINY_LEARNING_RATES if ex.tiny else LEARNING_RATES, "--config", str(config),
-        "--prompts", str(prompts), "--render-steps", str(ex.render["steps"]),
+        "--prompts", str(prompts), "--render-steps", "2" if ex.tiny else "30",
         "--library", str(ex.library), "--work", str(ex.work / "sweeps" / name), "--out", str(ex.reports / "sweep"),
         *ex.eval_args, "--title", f"learning-rate sweep: {name}",
     ])

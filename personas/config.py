@@ -61,6 +61,27 @@ class TrainConfig:
         def bad(name: str, why: str) -> GroupshotError:
             return GroupshotError(f"{name}={getattr(self, name)!r}: {why}")
 
+        for f in fields(self):  # types first: TOML and hand-written dicts can hold anything
+            v = getattr(self, f.name)
+            number = (isinstance(v, float) and math.isfinite(v)) or (
+                isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62)
+            ok, want = {
+                "str": (isinstance(v, str), "must be text"),
+                "bool": (isinstance(v, bool), "must be true or false"),
+                "int": (isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**62, "must be a whole number"),
+                "float": (number, "must be a finite number"),
+                "float | None": (v is None or number, "must be a finite number or unset"),
+                "list[str]": (isinstance(v, list) and all(isinstance(x, str) for x in v), "must be a list of texts"),
+            }.get(f.type, (True, ""))
+            if not ok:
+                raise bad(f.name, want)
+        if not 0 <= self.seed < 2**63:
+            raise bad("seed", "must be a whole number from 0 to 2**63 - 1")
+        for name, text in [("caption", self.caption)] + [("validation_prompts", t) for t in self.validation_prompts]:
+            try:
+                text.format(person="x")
+            except (KeyError, IndexError, ValueError):
+                raise bad(name, "only {person} may stand in braces (write {{ and }} for literal braces)") from None
         if self.method not in METHODS:
             raise bad("method", f"choose one of {', '.join(METHODS)}")
         for name in ("learning_rate", "embedding_lr"):
@@ -148,7 +169,7 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(v)  # a JSON string is a valid TOML basic string
+    return json.dumps(v).replace("\x7f", "\\u007f")  # a JSON string is a TOML basic string, but for DEL
 
 
 def field_help() -> dict[str, str]:

@@ -111,7 +111,12 @@ def train_persona(
             return _setup_work_dir(name, work, report, config, resume=resume, restart=restart)
 
         config = run_on_main(setup)
-        return _train(name, config, library, work, progress=progress, stop_after=stop_after)
+        import torch
+
+        try:
+            return _train(name, config, library, work, progress=progress, stop_after=stop_after)
+        except torch.cuda.OutOfMemoryError:  # before the loop (which says its step itself): the model, the latents
+            raise GroupshotError(_out_of_memory_message(name, config, _device_and_precision(config)[1], None, work)) from None
 
 
 def _check_before_writing(name: str, work: Path, photos: Sequence[str | os.PathLike] | None, config: TrainConfig, *,
@@ -577,7 +582,29 @@ def _train(name: str, config: TrainConfig, library: Library, work: Path, *, prog
                        losses[-1][1] if losses else math.nan, _peak_gb())
 
 
-def _out_of_memory_message(name: str, config: TrainConfig, mp: str, step: int, work: Path) -> str:
+def lower_memory_settings(config: TrainConfig, mp: str) -> list[tuple[str, dict[str, Any]]]:
+    """Changes to `config` that need less GPU memory, biggest saving first: (how to say it, the
+    TrainConfig fields it changes). The out-of-memory message names them; benchmarks/oom_check.py
+    tries each."""
+    out = []
+    if config.batch_size > 1:
+        n = config.batch_size * config.gradient_accumulation
+        out.append((f"batch_size = 1 with gradient_accumulation = {n} (same effective batch)",
+                    {"batch_size": 1, "gradient_accumulation": n}))
+    if not config.gradient_checkpointing:
+        out.append(("gradient_checkpointing = true", {"gradient_checkpointing": True}))
+    if mp == "no":
+        out.append(("--mixed-precision fp16 (bf16 where supported)", {"mixed_precision": "fp16"}))
+    if config.resolution > 256:
+        smaller = max(256, config.resolution * 3 // 4 // 64 * 64)
+        out.append((f"--resolution {smaller}", {"resolution": smaller}))
+    for flag in ("text_encoder_lora", "cuda_graph", "prior_preservation"):
+        if getattr(config, flag):
+            out.append((f"{flag} = false", {flag: False}))
+    return out
+
+
+def _out_of_memory_message(name: str, config: TrainConfig, mp: str, step: int | None, work: Path) -> str:
     """One line: what ran out of memory, with which settings, and the settings that need less."""
     import torch
 
@@ -585,27 +612,13 @@ def _out_of_memory_message(name: str, config: TrainConfig, mp: str, step: int, w
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         where = f" on {props.name} ({props.total_memory / 2**30:.0f} GiB)"
-    less = []  # from the biggest saving to the smallest
-    if config.batch_size > 1:
-        less.append(f"batch_size = 1 with gradient_accumulation = {config.batch_size * config.gradient_accumulation} "
-                    "(same effective batch)")
-    if not config.gradient_checkpointing:
-        less.append("gradient_checkpointing = true")
-    if mp == "no":
-        less.append("--mixed-precision fp16 (bf16 where supported)")
-    if config.resolution > 256:
-        less.append(f"--resolution {max(256, config.resolution * 3 // 4 // 64 * 64)}")
-    if config.text_encoder_lora:
-        less.append("text_encoder_lora = false")
-    if config.cuda_graph:
-        less.append("cuda_graph = false")
-    if config.prior_preservation:
-        less.append("prior_preservation = false")
+    when = f"at step {step + 1} of" if step is not None else "outside the steps (model, cached latents, save) of"
+    less = [text for text, _ in lower_memory_settings(config, mp)]
     state_file = work / "state.json"
     saved = json.loads(state_file.read_text()).get("step", 0) if state_file.is_file() else 0
     kept = f"the checkpoint at step {saved} is kept until then" if saved else "no checkpoint was saved"
     return (
-        f"out of GPU memory at step {step + 1} of training {name!r}{where} with batch_size={config.batch_size}, "
+        f"out of GPU memory {when} training {name!r}{where} with batch_size={config.batch_size}, "
         f"resolution={config.resolution}, mixed_precision={mp}, gradient_checkpointing="
         f"{str(config.gradient_checkpointing).lower()}; settings that need less memory: "
         + ("; ".join(less) if less else "none left: use a GPU with more memory")

@@ -28,7 +28,6 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -253,6 +252,8 @@ def test_training_survives_kills_at_random_points(tmp_path, tiny_model, eileen_p
             proc.send_signal(sig)
             interrupted.append(f"{sig.name} after {milestone}")
         _, err = proc.communicate(timeout=240)
+        if interrupted and interrupted[-1].endswith(milestone):
+            interrupted[-1] += f" (exit {proc.returncode})"
         assert "Traceback" not in err, err
         if sig == signal.SIGINT and proc.returncode != 0:
             # Ctrl-C in the loop saves a checkpoint and says how to go on (exit 2); before
@@ -394,6 +395,25 @@ def test_out_of_gpu_memory_names_the_settings_that_need_less(tmp_path, tiny_mode
         assert fragment in line, (fragment, line)
     assert tree(lib.path("eileen")) == before and leftovers(lib.root) == []
     assert json.loads((lib.root / ".work" / "eileen" / "state.json").read_text())["step"] == 2
+
+
+def test_out_of_gpu_memory_before_the_first_step(tmp_path, tiny_model, eileen_photos, previous, monkeypatch, capsys):
+    """Out of memory while the photos' latents are cached (or the model is placed): the same one
+    line, saying it happened outside the steps, and nothing of the earlier persona touched."""
+    import personas.train
+
+    lib, before = previous(tmp_path / "people")
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(personas.train, "_encode_photos", oom)
+    code, err = cli("personas", ["--library", lib.root, "train", "eileen", eileen_photos,
+                                 "--config", config_file(tmp_path, tiny_model), "--quiet"], capsys)
+    line = one_error_line("personas", code, err)
+    assert "out of GPU memory outside the steps" in line and "gradient_checkpointing = true" in line, line
+    assert "no checkpoint was saved" in line
+    assert tree(lib.path("eileen")) == before and leftovers(lib.root) == []
 
 
 def test_out_of_memory_message_suggests_a_lower_resolution():

@@ -31,11 +31,11 @@ numbers = (st.integers(-5, 600) | st.floats(allow_nan=True, allow_infinity=True)
 
 
 def only_groupshot_errors(fn, *args, **kwargs):
-    """fn's value, or None when it raised GroupshotError; any other exception fails the test."""
+    """fn's value, or None when it raised GroupshotError; any other exception fails the test.
+    (run_cli prints a GroupshotError on one line whatever it holds, so newlines are allowed.)"""
     try:
         return fn(*args, **kwargs)
-    except GroupshotError as e:
-        assert "\n" not in str(e).strip(), f"multi-line message: {e}"
+    except GroupshotError:
         return None
 
 
