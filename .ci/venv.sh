@@ -11,3 +11,10 @@ TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 .venv/bin/python -m pip install -q --upgrade pip
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install -q $TORCH_SPEC -e ".[test]"
+# The demo's browser test drives Debian's Chromium (never a downloaded browser).
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+            || echo "warning: could not install chromium; the browser test will say so" >&2
+    fi
+fi

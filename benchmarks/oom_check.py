@@ -1,7 +1,7 @@
 """Out-of-GPU-memory check (device machine): a training that cannot fit must end with one clear
 line naming the settings that need less memory, and leave the library as it was.
 
-    python benchmarks/oom_check.py --out /tmp/oom [--model DIR] [--cap-gib 2] [--big-cap-gib 4]
+    python benchmarks/oom_check.py --out /tmp/oom [--model DIR] [--cap-gib 2] [--big-cap-gib GIB]
 
 Builds the SD1.5-size random model (personas.testing.write_model(dir, "sd15", device="cuda"))
 unless --model names one, puts an earlier persona `eileen` in a fresh library, then trains
@@ -9,7 +9,9 @@ unless --model names one, puts an earlier persona `eileen` in a fresh library, t
 own process (an out-of-memory error can leave CUDA in a state the next run should not inherit):
 
 1. the default settings under --cap-gib (2 GiB: the bf16 weights alone do not fit);
-2. batch_size 8 under --big-cap-gib (4 GiB: the weights fit, the step does not);
+2. batch_size 8 under --big-cap-gib (default: 1.25 x the peak of an uncapped run at the default
+   settings, measured first, so that the model fits and the batch-8 step does not: this one
+   runs out inside the training loop, and batch_size 1 with accumulation should fit);
 
 For each: exit code 2, one `personas: error: out of GPU memory ...` line on stderr, no
 traceback, the earlier persona byte-for-byte the same, no `.eileen.tmp-*` folder. Then every
@@ -24,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("/tmp/oom-check"))
     p.add_argument("--model", type=Path, help="an SD1.5-size diffusers folder (default: build the random one in OUT/sd15)")
     p.add_argument("--cap-gib", type=float, default=2.0, help="memory cap of scenario 1 (default 2)")
-    p.add_argument("--big-cap-gib", type=float, default=4.0, help="memory cap of scenario 2 (default 4)")
+    p.add_argument("--big-cap-gib", type=float, help="memory cap of scenario 2 (default: 1.25 x the measured "
+                   "peak of the default settings)")
     p.add_argument("--big-batch", type=int, default=8, help="batch_size of scenario 2 (default 8)")
     p.add_argument("--steps", type=int, default=5, help="steps of each run (default 5)")
     args = p.parse_args(argv)
@@ -96,11 +100,24 @@ def main(argv: list[str] | None = None) -> int:
 
     base = dict(base_model=str(model), max_train_steps=args.steps, face_model="none", validation_every=0,
                 checkpoint_every=0, class_word="woman", min_photos=3)
-    scenarios = [("default settings", args.cap_gib, {}),
-                 (f"batch_size {args.big_batch}", args.big_cap_gib, {"batch_size": args.big_batch})]
     report = {"device": torch.cuda.get_device_name(0),
               "total_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1),
               "torch": torch.__version__, "scenarios": []}
+    big_cap = args.big_cap_gib
+    if big_cap is None:  # the default settings' own peak, uncapped, in a scratch library
+        cfg = out / "measure.toml"
+        cfg.write_text(TrainConfig(**base).to_toml())
+        run = _run_capped(1000.0, ["--library", str(out / "probes"), "train", "measure", str(photos), "--config",
+                                   str(cfg), "--quiet", "--restart"])
+        found = re.search(r"peak GPU memory ([0-9.]+) GiB", run["stdout"])
+        if run["exit_code"] != 0 or not found:
+            print(f"oom_check: the uncapped run failed: {run['stderr_lines']}", file=sys.stderr)
+            return 1
+        report["default_peak_gib"] = float(found.group(1))
+        big_cap = round(1.25 * float(found.group(1)), 2)
+        print(f"[measure] default settings peak {found.group(1)} GiB: scenario 2 capped at {big_cap} GiB", flush=True)
+    scenarios = [("default settings", args.cap_gib, {}),
+                 (f"batch_size {args.big_batch}", big_cap, {"batch_size": args.big_batch})]
     ok = True
     for title, cap, changes in scenarios:
         config = TrainConfig(**base, **changes)
@@ -131,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                           "result": probe["stdout"].splitlines()[0] if probe["exit_code"] == 0 and probe["stdout"]
                           else (probe["stderr_lines"] or [""])[-1][:300]})
             print(f"[probe] {text}: {'fits' if tried[-1]['fits'] else 'does not fit'}", flush=True)
+        if title != "default settings":  # the measured cap: the step, not the model, is what does not fit
+            checks["ran out inside the training loop"] = any("out of GPU memory at step" in l for l in err)
+            checks["a named lower-memory setting fits"] = any(t["fits"] for t in tried)
         ok &= all(checks.values())
         report["scenarios"].append({"title": title, "cap_gib": cap, "settings": changes, "run": run,
                                     "checks": checks, "lower_memory_settings": tried})

@@ -525,7 +525,10 @@ def build_page(demo: Demo) -> Any:
 def launch(demo: Demo, *, port: int = 7860, share: bool = False, host: str = "127.0.0.1", block: bool = True) -> Any:
     """Serve the demo on host:port (127.0.0.1: this machine only); `share` asks gradio for a
     public link, and only then does anything leave the machine."""
-    import gradio as gr
+    try:
+        import gradio as gr
+    except ModuleNotFoundError:
+        raise GroupshotError("compose --ui needs gradio: pip install 'groupshot[demo]'") from None
 
     page = build_page(demo)
     page.queue(default_concurrency_limit=1)
