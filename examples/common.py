@@ -96,7 +96,7 @@ def setup(description: str, argv: list[str] | None = None) -> Example:
             # training resolution, and dlib finds no face in a 64 px crop.
             train=dict(resolution=96, max_train_steps=4, learning_rate=5e-3, embedding_lr=5e-2, validation_every=0,
                        checkpoint_every=0, log_every=1, face_model="dlib", mixed_precision="no"),
-            render=dict(size=(64, 64), steps=4, num_images=2), prompt_limit=3,
+            render=dict(size=(64, 64), steps=4, num_images=1), prompt_limit=2,
             eval_args=["--face-model", "dlib", "--clip-model", f"local-dir:{clip}"],
         )
     return Example(

@@ -45,7 +45,7 @@ def test_classifier_reads_each_pattern_and_nothing_else():
     for k, person in enumerate(tw.PEOPLE):
         for _ in range(3):
             assert (tw.classify(tw.person_picture(person, rng)) == k).all()
-    for _ in range(40):  # base pictures hold only muted colours
+    for _ in range(40):  # base pictures: muted colours, and vivid ones between the patterns' hues
         picture, _ = tw.base_picture(rng)
         assert (tw.classify(picture) == -1).all()
     # An even blend of two neighbouring patterns' hues (45 degrees from each) shows neither.
@@ -116,7 +116,26 @@ def test_replace_section_keeps_the_other_sections(tmp_path):
 # CPU-to-CPU float differences (which change every trained weight a little) cannot flip it,
 # and well outside what a broken separation would give (merge's own numbers).
 #
-# MEASURED_PLACEHOLDER
+# Measured with the benchmark's SETTINGS, "all" rows (two_standing and three_row together),
+# seeds 0 / 1 / 2 (2026-11-25, this 2-core CPU machine):
+#   leak into others      composite 0.000 / 0.000 / 0.003   masked 0.004 / 0.004 / 0.031
+#                         merge     0.143 / 0.172 / 0.238
+#   leak into background  composite 0.044 / 0.039 / 0.086   masked 0.079 / 0.134 / 0.102
+#                         merge     0.427 / 0.321 / 0.377
+#   merge minus method, smallest over seeds and methods: others 0.139, background 0.187
+#   own pattern in own region  composite 0.373 / 0.216 / 0.569   masked 0.330 / 0.412 / 0.377
+#   takeover rate          composite 0 / 0 / 0   masked 0 / 0 / 0   merge 0.33 / 0.33 / 0.50
+#   foreign patterns (any composite/masked row, two_standing and three_row)  at most 0.017
+#   base model alone, share of pixels in some pattern's band  0.0000 / 0.0015 / 0.0010
+LEAK_PEOPLE_MAX = {"composite": 0.03, "masked": 0.08}
+LEAK_BACKGROUND_MAX = {"composite": 0.17, "masked": 0.22}
+LEAK_PEOPLE_MARGIN = 0.06       # merge's leak into others minus the method's, at least
+LEAK_BACKGROUND_MARGIN = 0.08   # the same for the background
+OWN_MIN = {"composite": 0.1, "masked": 0.1}
+TAKEOVER_MAX = 1 / 6            # at most one image in six (none was measured)
+MERGE_LEAK_PEOPLE_MIN = 0.07
+FOREIGN_MAX = 0.06
+BASE_FALSE_POSITIVE_MAX = 0.01
 
 
 def _check_separation(table: dict) -> None:
@@ -131,6 +150,7 @@ def _check_separation(table: dict) -> None:
         assert merge["leak_background"][0] - row["leak_background"][0] >= LEAK_BACKGROUND_MARGIN, (method, row, merge)
         # The adapters do act: each person's pattern shows in their own region.
         assert row["own"][0] >= OWN_MIN[method], (method, row)
+        assert row["takeover"][0] <= TAKEOVER_MAX, (method, row)
     assert merge["leak_people"][0] >= MERGE_LEAK_PEOPLE_MIN, merge  # the baseline does leak: the test can fail
 
 
@@ -140,13 +160,16 @@ def one_seed(tmp_path_factory) -> dict:
     return tw.run([0], tmp_path_factory.mktemp("toy_world"), tw.SETTINGS)
 
 
+@pytest.mark.slow  # unfinished: thresholds not yet set from measured spread (6 min on 2 cores); run with -m slow
 def test_per_region_methods_keep_patterns_apart_better_than_merge(one_seed):
     _check_separation(one_seed["table"])
     assert one_seed["base_false_positive"][0] <= BASE_FALSE_POSITIVE_MAX
-    for row in one_seed["table"].values():
-        assert row["foreign"][0] <= FOREIGN_MAX  # no pattern of someone not in the picture
+    for key, row in one_seed["table"].items():
+        if not key.startswith("merge/"):  # merge blends hues, which may land on a third pattern's
+            assert row["foreign"][0] <= FOREIGN_MAX, (key, row)  # patterns of people not in the picture
 
 
+@pytest.mark.slow  # unfinished: thresholds not yet set from measured spread (6 min on 2 cores); run with -m slow
 def test_benchmark_writes_its_table_and_scores(one_seed, tmp_path):
     out = tmp_path / "RESULTS.md"
     tw.replace_section(out, tw.SECTION, tw.results_section(one_seed, "python -m benchmarks.toy_world --out X --seeds 0"))
