@@ -729,7 +729,7 @@ baseline) runs every adapter everywhere with every person's tokens in one prompt
 pattern regularly takes over two people. "Own pattern" is modest for every method: personas
 trained for 100 CPU steps paint their hue over part of their region only, and how well
 varies by seed and person; the leakage columns, not "own", are what this benchmark pins
-down. Output per run: `toy_world.json` / `toy_world.md` (the table), and per seed the base
+down. The numbers above: `benchmarks/results/2026-11-25-cpu-toy-world.json`. Output per run: `toy_world.json` / `toy_world.md` (the table), and per seed the base
 model, the personas, every compose run folder (render.json, masks.npz), `scores.json` (every
 render's per-region shares) and `renders.png`. `tests/test_toy_world.py` runs seed 0 in CI
 and asserts the leakage ordering with thresholds from the per-seed numbers above.

@@ -160,7 +160,6 @@ def one_seed(tmp_path_factory) -> dict:
     return tw.run([0], tmp_path_factory.mktemp("toy_world"), tw.SETTINGS)
 
 
-@pytest.mark.slow  # unfinished: thresholds not yet set from measured spread (6 min on 2 cores); run with -m slow
 def test_per_region_methods_keep_patterns_apart_better_than_merge(one_seed):
     _check_separation(one_seed["table"])
     assert one_seed["base_false_positive"][0] <= BASE_FALSE_POSITIVE_MAX
@@ -169,7 +168,6 @@ def test_per_region_methods_keep_patterns_apart_better_than_merge(one_seed):
             assert row["foreign"][0] <= FOREIGN_MAX, (key, row)  # patterns of people not in the picture
 
 
-@pytest.mark.slow  # unfinished: thresholds not yet set from measured spread (6 min on 2 cores); run with -m slow
 def test_benchmark_writes_its_table_and_scores(one_seed, tmp_path):
     out = tmp_path / "RESULTS.md"
     tw.replace_section(out, tw.SECTION, tw.results_section(one_seed, "python -m benchmarks.toy_world --out X --seeds 0"))
