@@ -206,6 +206,31 @@ def test_import_applies_alpha_as_diffusers_does(tiny_model, pipe, tmp_path):
     torch.testing.assert_close(load_lora(full.adapter_path).unet[path][1], 4 * weights.unet[path][1])
 
 
+def test_text_encoder_mlp_layers_import_as_diffusers_loads_them(tiny_model, exported, pipe, tmp_path):
+    """Civitai files often train the text encoder's MLP too (kohya names *_mlp_fc1/fc2)."""
+    sd = load_file(exported.lora)
+    g = torch.Generator().manual_seed(0)
+    for name, (n_in, n_out) in {"lora_te_text_model_encoder_layers_0_mlp_fc1": (32, 37),
+                                "lora_te_text_model_encoder_layers_1_mlp_fc2": (37, 32)}.items():
+        sd[f"{name}.lora_down.weight"] = torch.randn(4, n_in, generator=g)
+        sd[f"{name}.lora_up.weight"] = torch.randn(n_out, 4, generator=g)
+        sd[f"{name}.alpha"] = torch.tensor(2.0)
+    file = tmp_path / "mlp.safetensors"
+    save_file(sd, str(file))
+    persona = import_persona("mlp", file, token="sks", base_model=str(tiny_model), library=Library(tmp_path / "p"))
+    weights = load_lora(persona.adapter_path)
+    layers = {p.removeprefix("text_model."): ab for p, ab in weights.text_encoder.items()}
+    for path, name in (("encoder.layers.0.mlp.fc1", "lora_te_text_model_encoder_layers_0_mlp_fc1"),
+                       ("encoder.layers.1.mlp.fc2", "lora_te_text_model_encoder_layers_1_mlp_fc2")):
+        torch.testing.assert_close(layers[path][0], sd[f"{name}.lora_down.weight"])
+        torch.testing.assert_close(layers[path][1], sd[f"{name}.lora_up.weight"] * 2.0 / 4)  # alpha / rank
+    # The UNet part against diffusers' own loader. (Its text-encoder output is no reference
+    # here: diffusers 0.42 with transformers 5 ignores per-layer text-encoder alphas, whose
+    # alpha_pattern keys keep the "text_model." prefix the model no longer has.)
+    unet_out, _ = _diffusers_outputs(pipe, file)
+    torch.testing.assert_close(unet_out, _merged_outputs(tiny_model, weights)[0], atol=1e-4, rtol=1e-4)
+
+
 def test_import_reads_the_diffusers_layout_and_its_alpha_metadata(tiny_model, library, pipe, tmp_path):
     """A peft-layout file with lora_alpha 8 at rank 4 in its metadata (diffusers' trainers write this)."""
     ours = load_lora(library.load("eileen").adapter_path)
