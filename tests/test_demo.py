@@ -199,7 +199,6 @@ def test_listens_on_localhost_only(server):
             assert s.connect_ex((address, server["port"])) != 0, f"the demo answers on {address}"
 
 
-@pytest.mark.slow  # unfinished: times out waiting in Chromium in the clean-clone run; run with -m slow
 def test_train_compose_and_score_in_a_browser(server, eileen_photos, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
