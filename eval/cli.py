@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-pretrained", default=DEFAULT_CLIP_PRETRAINED, metavar="TAG_OR_FILE",
                    help=f"open_clip weights tag or checkpoint file (default: {DEFAULT_CLIP_PRETRAINED})")
     p.add_argument("--device", default="auto", help="device for CLIP: auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="face worker processes (default: one per CPU core for large sets; 1: no pool)")
     p.add_argument("--skip-unreadable", action="store_true",
                    help="score the readable images and list the others in the report, instead of stopping")
     p.add_argument("--title", help="report title")
@@ -62,12 +64,20 @@ def _check_readable(paths: Sequence[Path], skip: bool) -> None:
     """Decode every image before any model loads, so a bad file stops the run at once."""
     from personas.photos import open_photo
 
-    bad = []
-    for path in paths:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eval.scoring import usable_cpus
+
+    def problem(path: Path) -> str | None:
         try:
             open_photo(path)
         except GroupshotError as e:
-            bad.append(str(e))
+            return str(e)
+        return None
+
+    # Threads: PIL decodes with the GIL released, so this scales with the cores.
+    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
+        bad = [msg for msg in pool.map(problem, paths) if msg is not None]
     if bad and not skip:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise GroupshotError(f"{bad[0]}{more}; fix or remove it, or pass --skip-unreadable to score the rest")
@@ -100,6 +110,8 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        raise GroupshotError(f"--workers {args.workers}: give 1 or more face worker processes (1: no pool)")
     library = Library(args.library)
     out = check_output_dir(args.out)
 
@@ -152,16 +164,18 @@ def _main(argv: Sequence[str] | None) -> int:
         log.warning("no prompts: the CLIP Score is not computed (give --prompts or --prompt)")
 
     if renders:
-        scores = score_renders(renders, library=library, face_backend=face_backend, clip=clip)
+        scores = score_renders(renders, library=library, face_backend=face_backend, clip=clip,
+                               workers=args.workers)
     else:
-        scores = score_images(files, list(personas), prompts, library=library, face_backend=face_backend, clip=clip)
+        scores = score_images(files, list(personas), prompts, library=library, face_backend=face_backend, clip=clip,
+                              workers=args.workers)
     base = None
     if base_files is not None:
         names = list(scores.personas)
         texts = ([base_render.clip_text or ""] * len(base_files) if base_render
                  else [im.clip_text or "" for im in scores.images])
         base = score_images(base_files, names, texts if clip else None, library=library,
-                            face_backend=face_backend, clip=clip)
+                            face_backend=face_backend, clip=clip, workers=args.workers)
     from personas import is_main_process
 
     if not is_main_process():  # under `accelerate launch`: every process scored its share, one writes

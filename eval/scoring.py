@@ -3,6 +3,7 @@ people, CLIP-score every image, and gather what the report needs."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import hashlib
@@ -470,6 +471,110 @@ class _Job:
     size: tuple[int, int] | None = None
 
 
+# ---------------------------------------------------------------------------------------
+# the face stage: decode + detect + embed, in this process or in a pool of worker processes
+
+
+@dataclass
+class _Found:
+    """What the face stage returns for one image."""
+
+    status: str | None  # None, or why the image could not be read
+    size: tuple[int, int] | None = None  # (width, height)
+    faces: list = field(default_factory=list)  # personas.faces.Face, largest first
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8, when CLIP needs the image
+
+
+def _find_faces(path: Path, backend: FaceBackend, keep_pixels: bool) -> _Found:
+    from personas.photos import open_photo
+
+    try:
+        pil = open_photo(path)
+    except (GroupshotError, OSError) as e:
+        return _Found(status=f"unreadable: {' '.join(str(e).split())}")
+    rgb = np.asarray(pil)
+    return _Found(status=None, size=pil.size, faces=backend.detect(rgb), pixels=rgb if keep_pixels else None)
+
+
+_worker_backend: Any = None
+
+
+def _worker_init(recipe: tuple[type, dict]) -> None:
+    global _worker_backend
+    cls, kwargs = recipe
+    _worker_backend = cls(**kwargs)
+
+
+def _worker_find(item: tuple[str, bool]) -> _Found:
+    return _find_faces(Path(item[0]), _worker_backend, item[1])
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def face_workers_for(backend: FaceBackend, n_images: int, workers: int | None = None, *, reserve: int = 0) -> int:
+    """How many worker processes the face stage uses (1: this process, no pool).
+
+    workers=None picks: one per usable CPU core, no more than one per IMAGES_PER_WORKER
+    images (a worker costs about a second to start and load its face model); 1 for a backend
+    that runs on the GPU (one session serves the card) or that cannot be rebuilt in a
+    worker (no `recipe()`). reserve: cores left to this process (1 while it runs CLIP).
+    """
+    if workers is not None:
+        if workers < 1:
+            raise GroupshotError(f"--workers {workers}: give 1 or more face worker processes (1: no pool)")
+        if workers > 1 and not hasattr(backend, "recipe"):
+            raise GroupshotError(f"face backend {backend.name!r} has no recipe() to rebuild it in a worker "
+                                 "process; score with workers=1")
+        return workers
+    if not hasattr(backend, "recipe") or getattr(backend, "on_gpu", False):
+        return 1
+    return max(1, min(usable_cpus() - reserve, n_images // IMAGES_PER_WORKER))
+
+
+IMAGES_PER_WORKER = 8
+
+
+def _faces_in_order(jobs: Sequence[_Job], backend: FaceBackend, workers: int,
+                    keep_pixels: bool) -> Iterable[_Found]:
+    """_Found for every job, in job order. With workers > 1 a pool of spawned processes
+    (each with its own copy of the backend) works ahead of the caller, at most
+    4 x workers images in flight so decoded pixels never pile up in memory."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            yield _find_faces(job.path, backend, keep_pixels)
+        return
+    import collections
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cls, kwargs = backend.recipe()  # type: ignore[attr-defined]
+    if "threads" in kwargs:
+        kwargs["threads"] = 1  # onnxruntime: one thread per worker, the pool is the parallelism
+    # spawn, not fork: the parent may hold CUDA (CLIP) and OpenMP threads, which fork breaks.
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=((cls, kwargs),))
+    try:
+        pending: collections.deque = collections.deque()
+        items = iter(jobs)
+        for job in items:
+            pending.append(pool.submit(_worker_find, (str(job.path), keep_pixels)))
+            if len(pending) >= 4 * workers:
+                break
+        while pending:
+            found = pending.popleft().result()
+            job = next(items, None)
+            if job is not None:
+                pending.append(pool.submit(_worker_find, (str(job.path), keep_pixels)))
+            yield found
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _allowed(faces, regions: list[RenderPerson], width: int, height: int, size: tuple[int, int] | None) -> np.ndarray:
     """(F, P) bool: may face f stand for person p, given where the render put p."""
     sx, sy = (width / size[0], height / size[1]) if size else (1.0, 1.0)
@@ -492,10 +597,8 @@ def _allowed(faces, regions: list[RenderPerson], width: int, height: int, size: 
     return allowed
 
 
-def _score_faces(job: _Job, rgb: np.ndarray, backend: FaceBackend, refs: dict[str, Reference],
-                 record: ImageRecord) -> tuple[list[PersonRecord], list[FaceRecord]]:
-    height, width = rgb.shape[:2]
-    faces = backend.detect(rgb)
+def _score_faces(job: _Job, faces: list, width: int, height: int, match_threshold: float,
+                 refs: dict[str, Reference], record: ImageRecord) -> tuple[list[PersonRecord], list[FaceRecord]]:
     names = job.people
     ref_emb = np.stack([refs[n].embedding for n in names])  # (P, D)
     face_emb = np.stack([f.embedding for f in faces]) if faces else np.zeros((0, ref_emb.shape[1]), np.float32)
@@ -519,7 +622,7 @@ def _score_faces(job: _Job, rgb: np.ndarray, backend: FaceBackend, refs: dict[st
             face.person = name
             row.distance = float(dist[fi, j])
             row.width_fraction = face.width_fraction
-            row.match = row.distance <= backend.match_threshold
+            row.match = row.distance <= match_threshold
             # nearer another subject of this image than its own: the adapters crossed
             row.swap = face.swap = any(dist[fi, k] < dist[fi, j] for k in range(len(names)) if k != j)
         person_rows.append(row)
@@ -532,18 +635,26 @@ def _score_faces(job: _Job, rgb: np.ndarray, backend: FaceBackend, refs: dict[st
     return person_rows, face_rows
 
 
-def _run(jobs: list[_Job], personas: dict[str, Persona], *, library: Library, face_backend: FaceBackend,
-         clip: ClipScorer | None, sources: list[dict[str, Any]]) -> Scores:
-    from personas.photos import open_photo
+@contextlib.contextmanager
+def _one_torch_thread(active: bool):
+    """While face workers hold every other core, this process's torch (CLIP) runs one thread:
+    idle OpenMP threads spin and take the workers' cores."""
+    if not active:
+        yield
+        return
+    import torch
 
-    t0 = time.perf_counter()
-    cache_dir = library.root / ".cache" / "eval-refs"
-    refs = {n: reference_embedding(p, face_backend, cache_dir=cache_dir) for n, p in personas.items()}
-    t_refs = time.perf_counter() - t0
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    images: list[ImageRecord] = []
-    people: list[PersonRecord] = []
-    faces: list[FaceRecord] = []
+
+def _score_all(share: list[_Job], found_all: Iterable[_Found], refs: dict[str, Reference], face_backend: FaceBackend,
+               clip: ClipScorer | None, images: list[ImageRecord], people: list[PersonRecord],
+               faces: list[FaceRecord]) -> None:
     pending: list[tuple[ImageRecord, Any]] = []  # CLIP runs in batches
 
     def flush() -> None:
@@ -553,28 +664,46 @@ def _run(jobs: list[_Job], personas: dict[str, Persona], *, library: Library, fa
                 r.clip_score = float(s)
         pending.clear()
 
-    t1 = time.perf_counter()
-    # Under `accelerate launch` each process scores its share of the images; every process
-    # gets all records back, in job order (only the main process writes the report).
-    for job in my_share(jobs):
+    for job, found in zip(share, found_all):
         record = ImageRecord(key=job.key, path=str(job.path), source=job.source, people=list(job.people),
                              clip_text=job.clip_text)
         images.append(record)
-        try:
-            pil = open_photo(job.path)
-        except (GroupshotError, OSError) as e:
-            record.status = f"unreadable: {' '.join(str(e).split())}"
+        if found.status is not None:
+            record.status = found.status
             log.warning("%s: %s", job.path, record.status)
             continue
-        record.width, record.height = pil.size
-        p_rows, f_rows = _score_faces(job, np.asarray(pil), face_backend, refs, record)
+        record.width, record.height = found.size
+        p_rows, f_rows = _score_faces(job, found.faces, found.size[0], found.size[1],
+                                      face_backend.match_threshold, refs, record)
         people += p_rows
         faces += f_rows
         if clip is not None and job.clip_text:
-            pending.append((record, pil))
+            from PIL import Image
+
+            pending.append((record, Image.fromarray(found.pixels)))
             if len(pending) >= clip.batch_size:
                 flush()
     flush()
+
+
+def _run(jobs: list[_Job], personas: dict[str, Persona], *, library: Library, face_backend: FaceBackend,
+         clip: ClipScorer | None, sources: list[dict[str, Any]], workers: int | None) -> Scores:
+    t0 = time.perf_counter()
+    cache_dir = library.root / ".cache" / "eval-refs"
+    refs = {n: reference_embedding(p, face_backend, cache_dir=cache_dir) for n, p in personas.items()}
+    t_refs = time.perf_counter() - t0
+
+    images: list[ImageRecord] = []
+    people: list[PersonRecord] = []
+    faces: list[FaceRecord] = []
+    t1 = time.perf_counter()
+    # Under `accelerate launch` each process scores its share of the images; every process
+    # gets all records back, in job order (only the main process writes the report).
+    share = list(my_share(jobs))
+    workers = face_workers_for(face_backend, len(share), workers, reserve=int(clip is not None))
+    found_all = _faces_in_order(share, face_backend, workers, keep_pixels=clip is not None)
+    with _one_torch_thread(workers > 1 and clip is not None):
+        _score_all(share, found_all, refs, face_backend, clip, images, people, faces)
     images, people, faces = gather_items(images), gather_items(people), gather_items(faces)
     seconds = time.perf_counter() - t1
     readable = sum(im.ok for im in images)
@@ -585,6 +714,7 @@ def _run(jobs: list[_Job], personas: dict[str, Persona], *, library: Library, fa
         "images_scored": readable,
         "images_per_second": round(readable / seconds, 3) if seconds > 0 and readable else None,
         "processes": num_processes(),
+        "face_workers": workers,
     }
     log.info("scored %d images in %.1f s (%.2f images/s)", readable, seconds, readable / max(seconds, 1e-9))
     return Scores(
@@ -611,9 +741,13 @@ def score_renders(
     library: Library | str | os.PathLike | None = None,
     face_backend: FaceBackend,
     clip: ClipScorer | None,
+    workers: int | None = None,
 ) -> Scores:
     """Score compose render folders: faces assigned within each person's region, CLIP against
-    the render's global_prompt_for_clip. Unreadable images get a status, not an exception."""
+    the render's global_prompt_for_clip. Unreadable images get a status, not an exception.
+
+    workers: face worker processes (None: one per CPU core for large sets; 1: no pool);
+    the scores do not depend on it."""
     lib = _as_library(library)
     renders = [r if isinstance(r, Render) else load_render(r) for r in render_dirs]
     if not renders:
@@ -627,7 +761,7 @@ def score_renders(
         jobs += [_Job(key=f"{label}/{p.name}", path=p, source=str(render.path), people=names, clip_text=text,
                       regions=render.people, size=render.size) for p in render.images]
     return _run(jobs, personas, library=lib, face_backend=face_backend, clip=clip,
-                sources=[r.summary() for r in renders])
+                sources=[r.summary() for r in renders], workers=workers)
 
 
 def _warn_retrained(render: Render, personas: dict[str, Persona]) -> None:
@@ -646,11 +780,12 @@ def score_images(
     library: Library | str | os.PathLike | None = None,
     face_backend: FaceBackend,
     clip: ClipScorer | None,
+    workers: int | None = None,
 ) -> Scores:
     """Score a folder (or a list) of images against `people`; no regions, so any face may be anyone.
 
     prompts: one per image (matched to the images sorted by name), one for all, a prompts
-    file, or None (no CLIP score).
+    file, or None (no CLIP score). workers: as for `score_renders`.
     """
     if not people:
         raise GroupshotError("--people: name at least one persona the images should show")
@@ -670,7 +805,8 @@ def score_images(
             for f, t in zip(files, texts)]
     source = {"kind": "images", "path": str(folder), "people": list(people), "images": len(files),
               "prompts": sorted(set(t for t in texts if t))[:50]}
-    return _run(jobs, personas, library=lib, face_backend=face_backend, clip=clip, sources=[source])
+    return _run(jobs, personas, library=lib, face_backend=face_backend, clip=clip, sources=[source],
+                workers=workers)
 
 
 def _prompts_for(files: list[Path], prompts, personas: list[Persona]) -> list[str | None]:

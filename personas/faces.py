@@ -196,10 +196,19 @@ class DlibBackend:
                 "reinstall with: pip install --force-reinstall face-recognition-models"
             )
         self._dlib = dlib
+        self._kwargs = dict(upsample=upsample, min_score=min_score, max_side=max_side)
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(str(paths[0]))
         self._encoder = dlib.face_recognition_model_v1(str(paths[1]))
         self._weights_sha256: dict[str, str] | None = None
+
+    def recipe(self) -> tuple[type, dict]:
+        """(class, keyword arguments) that rebuild this backend, e.g. in a worker process."""
+        return type(self), dict(self._kwargs)
+
+    def __reduce__(self):
+        # Pickled as the recipe, not the dlib objects: eval's face workers rebuild it.
+        return (_rebuild, self.recipe())
 
     def detect(self, image: np.ndarray) -> list[Face]:
         image = _check_image(image)
@@ -314,13 +323,19 @@ class ArcFaceBackend:
         det_size: tuple[int, int] | None = (640, 640),
         det_thresh: float = 0.5,
         providers: list[str] | None = None,
+        threads: int | None = None,
     ):
+        """threads: onnxruntime's intra-op threads per model (None: onnxruntime's default,
+        every physical core); eval's face workers run one each."""
         if (detector is None) != (recognizer is None):
             raise GroupshotError("ArcFaceBackend: give both detector= and recognizer= ONNX files, or neither")
         self.root = insightface_root(root)
         self.det_size = tuple(det_size) if det_size is not None else None
         self.det_thresh = float(det_thresh)
         self.providers = providers or _onnx_providers()
+        self.threads = threads
+        self._kwargs = dict(pack=pack, root=root, detector=detector, recognizer=recognizer, det_size=det_size,
+                            det_thresh=det_thresh, providers=providers, threads=threads)
         if detector is not None:
             files = {"detector": Path(detector), "recognizer": Path(recognizer)}
             for role, path in files.items():
@@ -346,6 +361,26 @@ class ArcFaceBackend:
             self._load_pack(pack_dir)
         self._weights_sha256: dict[str, str] | None = None
 
+    def recipe(self) -> tuple[type, dict]:
+        """(class, keyword arguments) that rebuild this backend, e.g. in a worker process."""
+        return type(self), dict(self._kwargs)
+
+    def __reduce__(self):
+        return (_rebuild, self.recipe())
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.providers[0] != "CPUExecutionProvider"
+
+    def _session_kwargs(self) -> dict:
+        if self.threads is None:
+            return {}
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = int(self.threads)
+        return {"sess_options": options}
+
     def _load_pack(self, pack_dir: Path) -> None:
         from insightface.app import FaceAnalysis
 
@@ -357,6 +392,7 @@ class ArcFaceBackend:
                 root=str(self.root),
                 allowed_modules=["detection", "recognition"],
                 providers=self.providers,
+                **self._session_kwargs(),
             )
         except AssertionError:  # insightface asserts that a pack holds a detector
             app = None
@@ -371,8 +407,8 @@ class ArcFaceBackend:
     def _load_files(self, detector: Path, recognizer: Path) -> None:
         from insightface.model_zoo import get_model
 
-        det = get_model(str(detector), providers=self.providers)
-        rec = get_model(str(recognizer), providers=self.providers)
+        det = get_model(str(detector), providers=self.providers, **self._session_kwargs())
+        rec = get_model(str(recognizer), providers=self.providers, **self._session_kwargs())
         for role, model, task in (("detector", det, "detection"), ("recognizer", rec, "recognition")):
             if model is None or model.taskname != task:
                 got = "nothing" if model is None else model.taskname
@@ -429,6 +465,10 @@ class ArcFaceBackend:
             "detector": f"{files['detector'].name} det_size={self.det_size} det_thresh={self.det_thresh}",
             "providers": list(self.providers),
         }
+
+
+def _rebuild(cls, kwargs: dict):
+    return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------

@@ -204,6 +204,76 @@ def test_images_folder_without_regions(world, dlib_backend, clip, tmp_path):
                      library=world["library"], face_backend=dlib_backend, clip=None)
 
 
+def _without_timing(scores) -> dict:
+    data = scores.to_json()
+    data.pop("timing"), data.pop("created_at")
+    for ref in data["references"].values():
+        ref.pop("from_cache")
+    return data
+
+
+def test_face_workers_give_the_same_scores(world, dlib_backend, clip, tmp_path):
+    """The face stage in two spawned worker processes (each rebuilding dlib from its recipe)
+    gives the scores of one process, image for image, in order, unreadable files included."""
+    from eval.scoring import score_images, score_renders
+
+    one = score_renders([world["run"], world["swapped"]], library=world["library"], face_backend=dlib_backend,
+                        clip=clip, workers=1)
+    two = score_renders([world["run"], world["swapped"]], library=world["library"], face_backend=dlib_backend,
+                        clip=clip, workers=2)
+    assert one.timing["face_workers"] == 1 and two.timing["face_workers"] == 2
+    assert _without_timing(one) == _without_timing(two)
+    assert [p.swap for p in two.people if p.image.startswith("swapped")] == [True, True]
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.open(world["run"] / f"00{i % 3}.png").save(folder / f"{i}.png")
+    (folder / "5.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    kw = dict(library=world["library"], face_backend=dlib_backend, clip=clip)
+    a = score_images(folder, ["eileen", "grace"], "two women", workers=1, **kw)
+    b = score_images(folder, ["eileen", "grace"], "two women", workers=3, **kw)
+    # CLIP on this CPU ran one torch thread beside the workers: another summation order
+    clip_a, clip_b = (np.array([im.clip_score or 0.0 for im in s.images]) for s in (a, b))
+    assert np.allclose(clip_a, clip_b, rtol=0, atol=1e-5)
+    ja, jb = _without_timing(a), _without_timing(b)
+    for data in (ja, jb):
+        for im in data["images"]:
+            im.pop("clip_score")
+        data["metrics"]["course"].pop("clip_score", None)
+    assert ja == jb
+    assert b.image("imgs/5.png").status.startswith("unreadable") and b.image("imgs/0.png").n_faces == 2
+    assert [im.clip_score is not None for im in b.images] == [True] * 5 + [False]
+
+
+def test_face_worker_count():
+    from eval.scoring import IMAGES_PER_WORKER, face_workers_for, usable_cpus
+
+    class NoRecipe:
+        name, model, match_threshold = "x", "x", 1.0
+
+    class OnGpu(NoRecipe):
+        on_gpu = True
+
+        def recipe(self):
+            return type(self), {}
+
+    class Cpu(NoRecipe):
+        def recipe(self):
+            return type(self), {}
+
+    assert face_workers_for(Cpu(), 3) == 1  # too few images to pay for a worker's start
+    assert face_workers_for(Cpu(), 10_000) == usable_cpus()
+    assert face_workers_for(Cpu(), 10_000, reserve=1) == max(1, usable_cpus() - 1)  # a core for CLIP
+    assert face_workers_for(Cpu(), 2 * IMAGES_PER_WORKER) == min(2, usable_cpus())
+    assert face_workers_for(OnGpu(), 10_000) == 1 and face_workers_for(NoRecipe(), 10_000) == 1
+    assert face_workers_for(Cpu(), 5, workers=4) == 4
+    with pytest.raises(GroupshotError, match="no recipe"):
+        face_workers_for(NoRecipe(), 5, workers=4)
+    with pytest.raises(GroupshotError, match="--workers 0"):
+        face_workers_for(Cpu(), 5, workers=0)
+
+
 def test_reference_cache_is_keyed_by_the_refs(world, dlib_backend):
     from eval.scoring import load_personas, reference_embedding
 

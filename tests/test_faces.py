@@ -332,6 +332,26 @@ def test_arcface_pack_detects_and_embeds_with_tiny_models(tiny_pack):
     assert backend.detect(np.full((100, 300, 3), 10, np.uint8)) == []
 
 
+def test_backends_pickle_as_their_recipe(tiny_pack, dlib_backend, astronaut):
+    """eval's face workers get the backend pickled: the copy is rebuilt from its settings and
+    finds the same faces; ArcFace's copy with threads=1 runs one onnxruntime thread."""
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(DlibBackend(upsample=0, min_score=0.3)))
+    assert copy.describe()["detector"] == "hog upsample=0 min_score=0.3 max_side=1024"
+    a, b = dlib_backend.detect(astronaut), pickle.loads(pickle.dumps(dlib_backend)).detect(astronaut)
+    assert [f.box for f in a] == [f.box for f in b] and np.array_equal(a[0].embedding, b[0].embedding)
+
+    root, _, _ = tiny_pack
+    arc = load_face_backend("arcface", root=root)
+    cls, kwargs = arc.recipe()
+    one = cls(**{**kwargs, "threads": 1})
+    assert one._det.session.get_session_options().intra_op_num_threads == 1
+    image = _bright_square_image()
+    f1, f2 = _only_face(arc, image), _only_face(pickle.loads(pickle.dumps(one)), image)
+    assert f1.box == f2.box and np.allclose(f1.embedding, f2.embedding, atol=1e-6)
+
+
 def test_arcface_from_explicit_files_matches_pack(tiny_pack):
     root, pack, _ = tiny_pack
     from_pack = load_face_backend("arcface", root=root)
