@@ -794,6 +794,10 @@ case("evaluate-unknown-flag", "evaluate", "unrecognized arguments: --frobnicate"
     lambda c: ["--frobnicate"])
 case("evaluate-images-and-renders", "evaluate", "not both")(
     lambda c: [c.inputs, "--images", c.inputs, "--people", "ann"])
+case("evaluate-workers-zero", "evaluate", ("--workers 0", "1 or more"))(
+    lambda c: ["--images", c.inputs, "--people", "ann", "--workers", "0"])
+case("evaluate-workers-not-a-number", "evaluate", ("--workers", "invalid int"))(
+    lambda c: ["--images", c.inputs, "--people", "ann", "--workers", "many"])
 case("evaluate-out-is-a-file", "evaluate", ("--out", "is a file"))(
     lambda c: ["--images", c.inputs, "--people", "ann", "--out", c.file("report", b"x")])
 

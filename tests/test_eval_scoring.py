@@ -423,6 +423,33 @@ def test_html_is_self_contained(report_dir):
     assert text.count("data:image/png;base64,") >= 3  # loss curves x2 + sweep plot
 
 
+def test_html_report_renders_in_a_browser(report_dir, tmp_path):
+    """Headless Chromium (Debian's, as the demo test uses) draws the report: a tall page whose
+    top holds the tables and whose images are the real photos (many colours, not blank).
+    GROUPSHOT_UPDATE_DOCS=1 also copies the screenshot to docs/report.png (the README's)."""
+    import os
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (bash .ci/venv.sh installs it as root)")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1200,2400", f"--user-data-dir={tmp_path / 'profile'}",
+                    f"--screenshot={shot}", (report_dir / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    with Image.open(shot) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    assert rgb.shape[:2] == (2400, 1200)
+    assert (rgb[:200] < 100).all(axis=2).mean() > 0.005  # dark text of the title and first table
+    colours = {tuple(c) for c in rgb[::4, ::4].reshape(-1, 3) // 16}
+    assert len(colours) > 500  # photos and plots, not an empty or error page
+    if os.environ.get("GROUPSHOT_UPDATE_DOCS") == "1":
+        repo = Path(__file__).resolve().parents[1]
+        shutil.copyfile(shot, repo / "docs" / "report.png")
+
+
 def test_pdf(report_dir):
     data = (report_dir / "report.pdf").read_bytes()
     assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF")
