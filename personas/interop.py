@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from personas.adapters import (
     EMBEDDINGS_KEY, TEXT_TARGETS, UNET_TARGETS, LoraWeights, _check_safetensors_path, _read_safetensors,
+    _write_safetensors,
     check_lora_fits, load_embeddings, load_lora, save_embeddings, save_lora,
 )
 from personas.errors import GroupshotError
@@ -87,8 +88,6 @@ def export_persona(persona: Persona, out: str | os.PathLike | None = None, *, fo
 
     A ti persona has no LoRA: its embedding goes to `out` itself.
     """
-    from safetensors.torch import save_file
-
     if format not in FORMATS:
         raise GroupshotError(f"--format {format}: choose one of {', '.join(FORMATS)}")
     out = Path(out) if out is not None else Path(f"{persona.name}.safetensors")
@@ -123,11 +122,11 @@ def export_persona(persona: Persona, out: str | os.PathLike | None = None, *, fo
             "modelspec.title": persona.name, "modelspec.date": persona.created_at,
             "modelspec.trigger_phrase": trigger,
         }
-        _save_atomic(lambda p: save_file(lora_to_kohya(weights), str(p), metadata=kohya_meta), lora_out)
+        _save_atomic(lambda p: _write_safetensors(p, lora_to_kohya(weights), kohya_meta), lora_out)
     if emb_out is not None:
         emb = load_embeddings(persona.embeddings_path)
         emb_meta = {**meta, "tokens": json.dumps(persona.tokens)}
-        _save_atomic(lambda p: save_file({EMBEDDINGS_KEY: emb.float().contiguous()}, str(p), metadata=emb_meta), emb_out)
+        _save_atomic(lambda p: _write_safetensors(p, {EMBEDDINGS_KEY: emb.float().contiguous()}, emb_meta), emb_out)
     # How each tool names the files: A1111 by file name (LoRA as <lora:NAME:1>, an embedding
     # by its bare name), ComfyUI's embeddings as embedding:NAME.
     webui_words = f"{emb_out.stem} {persona.class_word}" if emb_out is not None else trigger

@@ -122,3 +122,17 @@ def eileen_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from personas.testing import sample_photos
 
     return sample_photos(tmp_path_factory.mktemp("eileen"), "eileen")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`):
+    on this shared 2-core machine OpenMP's spinning threads make the tiny model's small ops
+    many times slower when the cores are busy (measured: the sweep test 198 s -> 75 s wall at
+    load 5)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

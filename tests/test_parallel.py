@@ -23,17 +23,7 @@ TRAIN = {"resolution": RESOLUTION, "max_train_steps": 3, "validation_every": 0, 
 LAUNCH_TIMEOUT = 480
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread here: on this shared 2-core machine OpenMP's spinning threads make
-    the tiny model's small ops many times slower when the cores are busy (measured: the
-    sweep below 198 s -> 75 s wall at load 5)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _toml(values: dict) -> str:

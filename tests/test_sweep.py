@@ -11,17 +11,7 @@ from personas.config import TrainConfig
 from personas.errors import GroupshotError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One torch thread here: on this shared 2-core machine OpenMP's spinning threads make
-    the tiny model's small ops many times slower when the cores are busy (measured: the
-    sweep below 198 s -> 75 s wall at load 5)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _row(name, fd, clip, faceless):
