@@ -526,6 +526,26 @@ def test_disk_full_while_writing_a_render(tmp_path, tiny_model, ann, monkeypatch
         assert tree(out) == before and leftovers(out) == []
 
 
+def test_disk_full_while_exporting_a_persona(tmp_path, ann, monkeypatch, capsys):
+    """`personas export` on a full disk: one line naming the file, no half-written file left
+    (it wrote through safetensors' own writer before, whose error was a traceback)."""
+    import personas.interop
+
+    disk = tmp_path / "disk"
+    with small_disk(disk) as real_disk:
+        before = tree(disk)
+        fault_at(monkeypatch, personas.interop, "_write_safetensors",
+                 (lambda: fill_up(disk)) if real_disk else raise_oserror(errno.ENOSPC))
+        if not real_disk:
+            note_fallback("disk full while exporting a persona")
+        code, err = cli("personas", ["--library", ann.root, "export", "ann", "--format", "kohya",
+                                     "--out", disk / "ann.safetensors"], capsys)
+        line = one_error_line("personas", code, err)
+        assert "disk full while writing" in line, line
+        assert {k: v for k, v in tree(disk).items() if not k.startswith("filler-")} == before
+        assert leftovers(disk) == [] and not list(disk.glob("*.safetensors"))
+
+
 def test_read_only_render_folder(tmp_path, tiny_model, ann, capsys):
     out = tmp_path / "renders"
     before = _previous_run(out)
