@@ -76,17 +76,10 @@ class DemoSettings:
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike, *, base_model: str | None = None) -> "DemoSettings":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
+        from personas import read_toml
+
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise GroupshotError(f"--ui-config {path}: file not found") from None
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise GroupshotError(f"--ui-config {path}: not valid TOML ({e})") from None
+        data = read_toml(path, f"--ui-config {path}")
         train = data.pop("train", {})
         known = {f.name for f in dataclasses.fields(cls)} - {"train"}
         unknown = sorted(set(data) - known)

@@ -89,16 +89,9 @@ def parse_list(flag: str, text: str, typ: type) -> list[Any]:
 
 def read_sweep_file(path: Path) -> tuple[dict[str, Any], dict[str, list]]:
     """(TrainConfig fields, sweep lists) from a sweep file."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GroupshotError(f"--config {path}: file not found") from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise GroupshotError(f"--config {path}: not valid TOML ({e})") from None
+    from personas import read_toml
+
+    data = read_toml(path, f"--config {path}")
     grid = data.pop("sweep", {})
     if not isinstance(grid, dict) or not all(isinstance(v, list) for v in grid.values()):
         raise GroupshotError(f"--config {path}: [sweep] must map settings to lists, e.g. learning_rate = [5e-5, 1e-4, 5e-4]")

@@ -28,7 +28,7 @@ _EXPORTS = {
     "Face": "personas.faces", "FaceBackend": "personas.faces", "load_face_backend": "personas.faces",
     "check_photos": "personas.photos", "open_photo": "personas.photos", "PhotoReport": "personas.photos",
     # training
-    "TrainConfig": "personas.config", "train_persona": "personas.train", "TrainResult": "personas.train",
+    "TrainConfig": "personas.config", "read_toml": "personas.config", "train_persona": "personas.train", "TrainResult": "personas.train",
     "plot_loss": "personas.train", "unfinished_run": "personas.train",
     # several processes (accelerate launch)
     "launched": "personas.parallel", "is_main_process": "personas.parallel", "process_device": "personas.parallel",

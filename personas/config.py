@@ -134,17 +134,8 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib
         path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise GroupshotError(f"config file {path} not found") from None
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise GroupshotError(f"config file {path}: not valid TOML ({e})") from None
+        data = read_toml(path, f"config file {path}")
         if isinstance(data.get("train"), dict):  # keys may sit at the top or under [train]
             data = {**{k: v for k, v in data.items() if k != "train"}, **data["train"]}
         return cls.from_dict({**data, **overrides}, source=str(path))
@@ -179,3 +170,20 @@ def field_help() -> dict[str, str]:
 def field_default(name: str) -> Any:
     f = TrainConfig.__dataclass_fields__[name]
     return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def read_toml(path: str | Path, label: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or broken file is one line starting with `label`
+    (e.g. "roster people.toml", "--config sweep.toml")."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GroupshotError(f"{label}: file not found") from None
+    except IsADirectoryError:
+        raise GroupshotError(f"{label}: is a folder; give a TOML file") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise GroupshotError(f"{label}: not valid TOML ({e})") from None

@@ -49,17 +49,10 @@ class Outcome:
 
 def load_roster(path: str | os.PathLike) -> Roster:
     """Read and check a roster (names, photo paths, every person's TrainConfig) before anything trains."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    from personas.config import read_toml
+
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GroupshotError(f"roster {path} not found") from None
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise GroupshotError(f"roster {path}: not valid TOML ({e})") from None
+    data = read_toml(path, f"roster {path}")
     unknown = sorted(set(data) - {"train", "person"})
     if unknown:
         raise GroupshotError(f"roster {path}: unknown top-level keys {', '.join(unknown)}; "
