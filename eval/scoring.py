@@ -519,7 +519,8 @@ def usable_cpus() -> int:
 def face_workers_for(backend: FaceBackend, n_images: int, workers: int | None = None, *, reserve: int = 0) -> int:
     """How many worker processes the face stage uses (1: this process, no pool).
 
-    workers=None picks: one per usable CPU core, no more than one per IMAGES_PER_WORKER
+    workers=None picks: one per usable CPU core (of this process's share of them under
+    `accelerate launch`), no more than one per IMAGES_PER_WORKER
     images (a worker costs about a second to start and load its face model); 1 for a backend
     that runs on the GPU (one session serves the card) or that cannot be rebuilt in a
     worker (no `recipe()`). reserve: cores left to this process (1 while it runs CLIP).
@@ -533,7 +534,8 @@ def face_workers_for(backend: FaceBackend, n_images: int, workers: int | None = 
         return workers
     if not hasattr(backend, "recipe") or getattr(backend, "on_gpu", False):
         return 1
-    return max(1, min(usable_cpus() - reserve, n_images // IMAGES_PER_WORKER))
+    cores = usable_cpus() // num_processes()  # under `accelerate launch` the processes share the cores
+    return max(1, min(cores - reserve, n_images // IMAGES_PER_WORKER))
 
 
 IMAGES_PER_WORKER = 8
@@ -551,6 +553,7 @@ def _faces_in_order(jobs: Sequence[_Job], backend: FaceBackend, workers: int,
     import collections
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     cls, kwargs = backend.recipe()  # type: ignore[attr-defined]
     if "threads" in kwargs:
@@ -559,17 +562,25 @@ def _faces_in_order(jobs: Sequence[_Job], backend: FaceBackend, workers: int,
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_worker_init, initargs=((cls, kwargs),))
     try:
-        pending: collections.deque = collections.deque()
+        pending: collections.deque = collections.deque()  # (job, future), oldest first
         items = iter(jobs)
-        for job in items:
-            pending.append(pool.submit(_worker_find, (str(job.path), keep_pixels)))
-            if len(pending) >= 4 * workers:
-                break
-        while pending:
-            found = pending.popleft().result()
+
+        def submit() -> None:
             job = next(items, None)
             if job is not None:
-                pending.append(pool.submit(_worker_find, (str(job.path), keep_pixels)))
+                pending.append((job, pool.submit(_worker_find, (str(job.path), keep_pixels))))
+
+        for _ in range(4 * workers):
+            submit()
+        while pending:
+            job, future = pending.popleft()
+            try:
+                found = future.result()
+            except BrokenProcessPool:
+                raise GroupshotError(
+                    f"a face worker process died (out of memory, or the face model crashed) at or before {job.path}; "
+                    "score again with --workers 1 to see the error in this process") from None
+            submit()
             yield found
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

@@ -246,6 +246,38 @@ def test_face_workers_give_the_same_scores(world, dlib_backend, clip, tmp_path):
     assert [im.clip_score is not None for im in b.images] == [True] * 5 + [False]
 
 
+class DyingBackend:
+    """dlib in this process; in a worker process, detect() kills the process (a crashed model)."""
+
+    name, model, match_threshold = "dlib", "dlib", 0.42
+
+    def __init__(self):
+        from personas.faces import DlibBackend
+
+        self.real = DlibBackend()
+
+    def recipe(self):
+        return type(self), {}
+
+    def describe(self):
+        return self.real.describe()
+
+    def detect(self, image):
+        import multiprocessing
+        import os
+
+        if multiprocessing.parent_process() is not None:
+            os._exit(3)
+        return self.real.detect(image)
+
+
+def test_a_dying_face_worker_is_one_error_naming_the_fix(world):
+    from eval.scoring import score_renders
+
+    with pytest.raises(GroupshotError, match=r"face worker process died .* --workers 1"):
+        score_renders([world["run"]], library=world["library"], face_backend=DyingBackend(), clip=None, workers=2)
+
+
 def test_face_worker_count():
     from eval.scoring import IMAGES_PER_WORKER, face_workers_for, usable_cpus
 
