@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import html
 import io
 import json
@@ -343,6 +344,18 @@ def _box_cols(f) -> dict[str, str]:
 
 
 def _open(path: str | os.PathLike) -> "Image.Image | None":
+    """The decoded image, or None when unreadable. Callers never draw on it (they crop,
+    resize or copy), so recent decodes are shared: every face of an image, in the HTML and
+    again in the PDF, would otherwise decode it anew."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _open_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _open_cached(path: str, mtime_ns: int, size: int) -> "Image.Image | None":  # keyed by mtime/size: a changed file misses
     from personas.photos import open_photo
 
     try:
