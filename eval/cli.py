@@ -102,7 +102,8 @@ def _main(argv: Sequence[str] | None) -> int:
     from personas.library import Library
 
     from eval.report import check_output_dir, summary_lines, write_report
-    from eval.scoring import list_images, load_personas, read_prompts, load_render, score_images, score_renders
+    from eval.scoring import (check_workers, list_images, load_personas, load_render, read_prompts, score_images,
+                              score_renders)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:  # `evaluate sweep ...`: train, render and score a hyperparameter grid
@@ -110,8 +111,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return sweep_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.workers is not None and args.workers < 1:
-        raise GroupshotError(f"--workers {args.workers}: give 1 or more face worker processes (1: no pool)")
+    check_workers(args.workers)
     library = Library(args.library)
     out = check_output_dir(args.out)
 

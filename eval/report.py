@@ -238,7 +238,8 @@ def _settings(ctx: _Context) -> list[tuple[str, str]]:
                                         f"{', ' + hps if hps else ''}; base {p.base_model.get('id', 'n/a')}"))
     t = s.timing
     rows.append(("timing", f"{t.get('images_scored')} images in {t.get('scoring_seconds')} s "
-                           f"({t.get('images_per_second')} images/s), references {t.get('reference_seconds')} s"))
+                           f"({t.get('images_per_second')} images/s, {t.get('face_workers', 1)} face worker process(es)), "
+                           f"references {t.get('reference_seconds')} s"))
     return rows
 
 

@@ -516,6 +516,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def check_workers(workers: int | None) -> None:
+    """--workers: None (choose) or 1 or more."""
+    if workers is not None and workers < 1:
+        raise GroupshotError(f"--workers {workers}: give 1 or more face worker processes (1: no pool)")
+
+
 def face_workers_for(backend: FaceBackend, n_images: int, workers: int | None = None, *, reserve: int = 0) -> int:
     """How many worker processes the face stage uses (1: this process, no pool).
 
@@ -526,8 +532,7 @@ def face_workers_for(backend: FaceBackend, n_images: int, workers: int | None = 
     worker (no `recipe()`). reserve: cores left to this process (1 while it runs CLIP).
     """
     if workers is not None:
-        if workers < 1:
-            raise GroupshotError(f"--workers {workers}: give 1 or more face worker processes (1: no pool)")
+        check_workers(workers)
         if workers > 1 and not hasattr(backend, "recipe"):
             raise GroupshotError(f"face backend {backend.name!r} has no recipe() to rebuild it in a worker "
                                  "process; score with workers=1")

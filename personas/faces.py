@@ -127,6 +127,24 @@ def _package_version(dist: str) -> str:
         return "unknown"
 
 
+class _Rebuildable:
+    """Pickled as its recipe (class + constructor keywords), not its model objects: eval's
+    face workers rebuild the backend in their own process. Subclasses set self._kwargs."""
+
+    _kwargs: dict
+
+    def recipe(self) -> tuple[type, dict]:
+        """(class, keyword arguments) that rebuild this backend, e.g. in a worker process."""
+        return type(self), dict(self._kwargs)
+
+    def __reduce__(self):
+        return (_rebuild, self.recipe())
+
+
+def _rebuild(cls, kwargs: dict):
+    return cls(**kwargs)
+
+
 # ---------------------------------------------------------------------------------------
 # dlib
 
@@ -147,7 +165,7 @@ def _dlib_models_dir() -> Path:
     return Path(spec.origin).parent / "models"
 
 
-class DlibBackend:
+class DlibBackend(_Rebuildable):
     """dlib: HOG frontal detector, 5-point landmarks, ResNet 128-d descriptor; offline.
 
     HOG finds frontal and near-frontal faces only (profiles are missed) and, with the
@@ -201,14 +219,6 @@ class DlibBackend:
         self._predictor = dlib.shape_predictor(str(paths[0]))
         self._encoder = dlib.face_recognition_model_v1(str(paths[1]))
         self._weights_sha256: dict[str, str] | None = None
-
-    def recipe(self) -> tuple[type, dict]:
-        """(class, keyword arguments) that rebuild this backend, e.g. in a worker process."""
-        return type(self), dict(self._kwargs)
-
-    def __reduce__(self):
-        # Pickled as the recipe, not the dlib objects: eval's face workers rebuild it.
-        return (_rebuild, self.recipe())
 
     def detect(self, image: np.ndarray) -> list[Face]:
         image = _check_image(image)
@@ -296,7 +306,7 @@ def _onnx_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-class ArcFaceBackend:
+class ArcFaceBackend(_Rebuildable):
     """insightface: SCRFD detector + ArcFace recogniser (512-d), from a model pack or two files.
 
     Either `pack` (a name under <root>/models/, or a folder path) or both `detector` and
@@ -360,13 +370,6 @@ class ArcFaceBackend:
             self.model = pack_dir.name
             self._load_pack(pack_dir)
         self._weights_sha256: dict[str, str] | None = None
-
-    def recipe(self) -> tuple[type, dict]:
-        """(class, keyword arguments) that rebuild this backend, e.g. in a worker process."""
-        return type(self), dict(self._kwargs)
-
-    def __reduce__(self):
-        return (_rebuild, self.recipe())
 
     @property
     def on_gpu(self) -> bool:
@@ -465,10 +468,6 @@ class ArcFaceBackend:
             "detector": f"{files['detector'].name} det_size={self.det_size} det_thresh={self.det_thresh}",
             "providers": list(self.providers),
         }
-
-
-def _rebuild(cls, kwargs: dict):
-    return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------
