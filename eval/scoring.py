@@ -485,15 +485,23 @@ class _Found:
     pixels: np.ndarray | None = None  # (H, W, 3) uint8, when CLIP needs the image
 
 
-def _find_faces(path: Path, backend: FaceBackend, keep_pixels: bool) -> _Found:
+def _decode(path: Path) -> _Found:
     from personas.photos import open_photo
 
     try:
         pil = open_photo(path)
     except (GroupshotError, OSError) as e:
         return _Found(status=f"unreadable: {' '.join(str(e).split())}")
-    rgb = np.asarray(pil)
-    return _Found(status=None, size=pil.size, faces=backend.detect(rgb), pixels=rgb if keep_pixels else None)
+    return _Found(status=None, size=pil.size, pixels=np.asarray(pil))
+
+
+def _find_faces(path: Path, backend: FaceBackend, keep_pixels: bool) -> _Found:
+    found = _decode(path)
+    if found.status is None:
+        found.faces = backend.detect(found.pixels)
+        if not keep_pixels:
+            found.pixels = None
+    return found
 
 
 _worker_backend: Any = None
@@ -551,6 +559,9 @@ def _faces_in_order(jobs: Sequence[_Job], backend: FaceBackend, workers: int,
     """_Found for every job, in job order. With workers > 1 a pool of spawned processes
     (each with its own copy of the backend) works ahead of the caller, at most
     4 x workers images in flight so decoded pixels never pile up in memory."""
+    if workers <= 1 and getattr(backend, "on_gpu", False) and hasattr(backend, "detect_many"):
+        yield from _faces_batched(jobs, backend, keep_pixels)
+        return
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             yield _find_faces(job.path, backend, keep_pixels)
@@ -589,6 +600,39 @@ def _faces_in_order(jobs: Sequence[_Job], backend: FaceBackend, workers: int,
             yield found
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _faces_batched(jobs: Sequence[_Job], backend: FaceBackend, keep_pixels: bool) -> Iterable[_Found]:
+    """The GPU face stage: threads decode images ahead (PIL and zlib let go of the GIL) while
+    this thread runs the backend on a batch of them at a time (`detect_many`)."""
+    import collections
+    from concurrent.futures import ThreadPoolExecutor
+
+    batch = int(getattr(backend, "batch_size", 16))
+    with ThreadPoolExecutor(max_workers=max(1, min(8, usable_cpus() - 1))) as pool:
+        pending: collections.deque = collections.deque()
+        items = iter(jobs)
+
+        def submit() -> None:
+            job = next(items, None)
+            if job is not None:
+                pending.append(pool.submit(_decode, job.path))
+
+        for _ in range(3 * batch):
+            submit()
+        while pending:
+            group = []
+            while pending and len(group) < batch:
+                group.append(pending.popleft().result())
+                submit()
+            readable = [f for f in group if f.status is None]
+            if readable:
+                for found, faces in zip(readable, backend.detect_many([f.pixels for f in readable])):  # type: ignore[attr-defined]
+                    found.faces = faces
+            for found in group:
+                if not keep_pixels:
+                    found.pixels = None
+                yield found
 
 
 def _allowed(faces, regions: list[RenderPerson], width: int, height: int, size: tuple[int, int] | None) -> np.ndarray:

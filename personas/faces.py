@@ -306,6 +306,75 @@ def _onnx_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+ARCFACE_RUNTIMES = ("auto", "onnxruntime", "torch")
+
+
+def _choose_runtime(runtime: str, providers: list[str] | None) -> str:
+    """auto: onnxruntime where it has CUDA (or providers were named), else torch on a CUDA
+    GPU when onnx2torch is installed, else onnxruntime on the CPU."""
+    if runtime not in ARCFACE_RUNTIMES:
+        raise GroupshotError(f"ArcFace runtime {runtime!r}: choose one of {', '.join(ARCFACE_RUNTIMES)}")
+    if runtime != "auto":
+        return runtime
+    if providers or _onnx_providers()[0] != "CPUExecutionProvider":
+        return "onnxruntime"
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("onnx2torch") is not None:
+        return "torch"
+    return "onnxruntime"
+
+
+class _TorchNet:
+    """An ONNX model run by PyTorch (onnx2torch converts the graph to torch modules): the GPU
+    path where onnxruntime has no CUDA build for this machine (onnxruntime-gpu follows one
+    CUDA major version at a time), and one that takes any batch size."""
+
+    def __init__(self, path: str, device: str):
+        import torch
+        from onnx2torch import convert
+
+        self._torch = torch
+        self.path = path
+        self.device = torch.device(device)
+        self.module = convert(path).eval().to(self.device)
+        self.batches = True  # False once the graph turns out to fix its batch size at 1
+
+    def __call__(self, images: np.ndarray, mean: float, std: float, chunk: int) -> list[np.ndarray]:
+        """Outputs for (N, H, W, 3) uint8 RGB images, normalised here as insightface's
+        cv2.dnn.blobFromImages does ((x - mean) / std, channels first), on the device: a
+        quarter of the bytes to copy and no float blob on the CPU. Run `chunk` images at a
+        time; each output comes back as (N, ...) for a graph with a batch axis and
+        (N * A, C) for one that folds the batch into its rows."""
+        torch = self._torch
+        if not self.batches:
+            chunk = 1
+        parts: list[list[np.ndarray]] = []
+        with torch.inference_mode():
+            for start in range(0, images.shape[0], chunk):
+                x = torch.from_numpy(images[start:start + chunk]).to(self.device, non_blocking=True)
+                x = (x.permute(0, 3, 1, 2).float() - mean) * (1.0 / std)  # (n, 3, H, W)
+                try:
+                    # Full fp32 convolutions (PyTorch lets cuDNN use TF32 by default): the
+                    # scores near the detection threshold then agree with onnxruntime's, and
+                    # the face networks are small enough that the GPU is not the bottleneck.
+                    cudnn = torch.backends.cudnn
+                    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
+                                     deterministic=cudnn.deterministic, allow_tf32=False):
+                        out = self.module(x)
+                except RuntimeError:
+                    if x.shape[0] == 1:
+                        raise
+                    # An export with a fixed batch of 1 (a Reshape to constant sizes): go on
+                    # one image at a time.
+                    logger.info("%s takes one image at a time; running it unbatched", self.path)
+                    self.batches = False
+                    return self(images, mean, std, 1)
+                out = list(out) if isinstance(out, (list, tuple)) else [out]
+                parts.append([o.float().cpu().numpy() for o in out])
+        return [np.concatenate(column) for column in zip(*parts)]
+
+
 class ArcFaceBackend(_Rebuildable):
     """insightface: SCRFD detector + ArcFace recogniser (512-d), from a model pack or two files.
 
@@ -334,18 +403,38 @@ class ArcFaceBackend(_Rebuildable):
         det_thresh: float = 0.5,
         providers: list[str] | None = None,
         threads: int | None = None,
+        runtime: str = "auto",
+        device: str | None = None,
+        batch_size: int = 32,
     ):
         """threads: onnxruntime's intra-op threads per model (None: onnxruntime's default,
-        every physical core); eval's face workers run one each."""
+        every physical core); eval's face workers run one each.
+        runtime: "onnxruntime" (insightface's own path), "torch" (the same ONNX graphs run by
+        PyTorch on `device`, images and faces in batches of `batch_size`), or "auto" (see
+        _choose_runtime). device: torch runtime only; default cuda when available, else cpu."""
         if (detector is None) != (recognizer is None):
             raise GroupshotError("ArcFaceBackend: give both detector= and recognizer= ONNX files, or neither")
+        if batch_size < 1:
+            raise GroupshotError(f"ArcFace batch_size must be >= 1, got {batch_size}")
         self.root = insightface_root(root)
         self.det_size = tuple(det_size) if det_size is not None else None
         self.det_thresh = float(det_thresh)
-        self.providers = providers or _onnx_providers()
+        self.runtime = _choose_runtime(runtime, providers)
+        self.batch_size = int(batch_size)
+        self.device = None
+        if self.runtime == "torch":
+            if importlib.util.find_spec("onnx2torch") is None:
+                raise ModelUnavailableError("ArcFace runtime 'torch' needs onnx2torch: pip install onnx2torch")
+            import torch
+
+            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # The torch runtime still loads the models through insightface (routing, input
+        # normalisation, thresholds); onnxruntime on the CPU serves only that.
+        self.providers = ["CPUExecutionProvider"] if self.runtime == "torch" else (providers or _onnx_providers())
         self.threads = threads
         self._kwargs = dict(pack=pack, root=root, detector=detector, recognizer=recognizer, det_size=det_size,
-                            det_thresh=det_thresh, providers=providers, threads=threads)
+                            det_thresh=det_thresh, providers=providers, threads=threads, runtime=self.runtime,
+                            device=device, batch_size=batch_size)
         if detector is not None:
             files = {"detector": Path(detector), "recognizer": Path(recognizer)}
             for role, path in files.items():
@@ -373,6 +462,8 @@ class ArcFaceBackend(_Rebuildable):
 
     @property
     def on_gpu(self) -> bool:
+        if self.runtime == "torch":
+            return self.device is not None and str(self.device).startswith("cuda")
         return self.providers[0] != "CPUExecutionProvider"
 
     def _session_kwargs(self) -> dict:
@@ -427,8 +518,14 @@ class ArcFaceBackend(_Rebuildable):
         det.prepare(0, input_size=self.det_size, det_thresh=self.det_thresh)
         rec.prepare(0)
         self._det, self._rec, self._insight_face = det, rec, InsightFace
+        self._torch_det = self._torch_rec = None
+        if self.runtime == "torch":
+            self._torch_det = _TorchNet(det.model_file, self.device)
+            self._torch_rec = _TorchNet(rec.model_file, self.device)
 
     def detect(self, image: np.ndarray) -> list[Face]:
+        if self.runtime == "torch":
+            return self.detect_many([image])[0]
         image = _check_image(image)
         height, width = image.shape[:2]
         bgr = np.ascontiguousarray(image[:, :, ::-1])  # insightface works in OpenCV's BGR
@@ -453,6 +550,97 @@ class ArcFaceBackend(_Rebuildable):
         faces.sort(key=lambda f: f.area, reverse=True)
         return faces
 
+    def detect_many(self, images: list[np.ndarray]) -> list[list[Face]]:
+        """detect() for several images; the torch runtime runs them through each network as
+        one batch. Same decoding as insightface's SCRFD.detect (tested against it)."""
+        if self.runtime != "torch":
+            return [self.detect(image) for image in images]
+        from insightface.utils import face_align
+
+        # insightface works in BGR and swaps to RGB for the networks; resizing and alignment
+        # act on each channel alone, so staying in RGB gives the same network inputs.
+        rgbs = [_check_image(image) for image in images]
+        found = self._find_boxes(rgbs)  # per image: (det (K, 5), kps (K, 5, 2))
+        rec = self._rec
+        width, height = rec.input_size
+        crops = [face_align.norm_crop(rgb, landmark=kps[k], image_size=width)
+                 for rgb, (det, kps) in zip(rgbs, found) for k in range(det.shape[0])]
+        embeddings = np.zeros((0, 1), np.float32)
+        if crops:
+            import cv2
+
+            crops = [c if c.shape[:2] == (height, width) else cv2.resize(c, (width, height)) for c in crops]
+            embeddings = self._torch_rec(np.stack(crops), rec.input_mean, rec.input_std, 4 * self.batch_size)[0]
+        out, at = [], 0
+        for image, (det, kps) in zip(images, found):
+            height, width = image.shape[:2]
+            faces = [Face(box=_clip_box(det[k, :4], width, height), score=float(det[k, 4]),
+                          embedding=_unit(embeddings[at + k]), landmarks=kps[k].astype(np.float32))
+                     for k in range(det.shape[0])]
+            at += det.shape[0]
+            faces.sort(key=lambda f: f.area, reverse=True)
+            out.append(faces)
+        return out
+
+    def _find_boxes(self, rgbs: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """SCRFD.detect's candidates, merge and NMS for a batch of RGB images."""
+        import cv2
+        from insightface.model_zoo.scrfd import distance2bbox, distance2kps
+
+        det = self._det
+        if not det.use_kps:
+            raise ModelUnavailableError(f"ArcFace detector {det.model_file} gives no keypoints")
+        sizes = list(getattr(det, "input_sizes", None) or [det.input_size])  # insightface >= 2: several
+        candidates: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in rgbs]
+        for width_in, height_in in sizes:
+            canvases = np.zeros((len(rgbs), height_in, width_in, 3), np.uint8)  # (N, H, W, 3)
+            scales = []
+            for i, rgb in enumerate(rgbs):  # resize into the top-left, keeping the aspect ratio
+                h, w = rgb.shape[:2]
+                if h / w > height_in / width_in:
+                    new_h, new_w = height_in, int(height_in / (h / w))
+                else:
+                    new_w, new_h = width_in, int(width_in * (h / w))
+                canvases[i, :new_h, :new_w] = cv2.resize(rgb, (new_w, new_h))
+                scales.append(new_h / h)
+            outs = self._torch_det(canvases, det.input_mean, det.input_std, self.batch_size)
+            n = len(rgbs)
+            # (N, A, C) per output; a graph that folds the batch into A gives (N * A, C)
+            outs = [o.reshape(n, -1, o.shape[-1]) for o in outs]
+            fmc = det.fmc
+            for i, scale in enumerate(scales):
+                scores_l, boxes_l, kps_l = [], [], []
+                for idx, stride in enumerate(det._feat_stride_fpn):
+                    gh, gw = height_in // stride, width_in // stride
+                    centers = np.stack(np.mgrid[:gh, :gw][::-1], axis=-1).astype(np.float32)
+                    centers = (centers * stride).reshape(-1, 2)
+                    if det._num_anchors > 1:
+                        centers = np.stack([centers] * det._num_anchors, axis=1).reshape(-1, 2)
+                    scores = outs[idx][i]
+                    keep = np.where(scores >= det.det_thresh)[0]
+                    scores_l.append(scores[keep])
+                    boxes_l.append(distance2bbox(centers, outs[idx + fmc][i] * stride)[keep])
+                    points = distance2kps(centers, outs[idx + 2 * fmc][i] * stride)
+                    kps_l.append(points.reshape(points.shape[0], -1, 2)[keep])
+                scores = np.vstack(scores_l)
+                if scores.size == 0:
+                    continue
+                order = np.argsort(-scores.ravel(), kind="stable")
+                pre = np.hstack((np.vstack(boxes_l) / scale, scores)).astype(np.float32, copy=False)[order]
+                candidates[i].append((pre, (np.vstack(kps_l) / scale)[order]))
+        found = []
+        for parts in candidates:
+            if not parts:
+                found.append((np.zeros((0, 5), np.float32), np.zeros((0, 5, 2), np.float32)))
+                continue
+            pre = np.vstack([p for p, _ in parts])
+            kps = np.vstack([k for _, k in parts])
+            order = np.argsort(-pre[:, 4], kind="stable")
+            pre, kps = pre[order], kps[order]
+            keep = det.nms(pre)
+            found.append((pre[keep], kps[keep]))
+        return found
+
     def describe(self) -> dict:
         import insightface
 
@@ -466,6 +654,8 @@ class ArcFaceBackend(_Rebuildable):
             "weights_sha256": dict(self._weights_sha256),
             "match_threshold": self.match_threshold,
             "detector": f"{files['detector'].name} det_size={self.det_size} det_thresh={self.det_thresh}",
+            "runtime": self.runtime if self.runtime == "onnxruntime"
+            else f"torch {self.device} (onnx2torch {_package_version('onnx2torch')}, batch {self.batch_size})",
             "providers": list(self.providers),
         }
 

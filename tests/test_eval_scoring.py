@@ -246,6 +246,48 @@ def test_face_workers_give_the_same_scores(world, dlib_backend, clip, tmp_path):
     assert [im.clip_score is not None for im in b.images] == [True] * 5 + [False]
 
 
+class BatchedDlib:
+    """dlib behind the GPU backends' interface (on_gpu, batch_size, detect_many); notes the
+    batches it is given."""
+
+    name, model, match_threshold = "dlib", "dlib", 0.42
+    on_gpu, batch_size = True, 2
+
+    def __init__(self, real):
+        self.real, self.batches = real, []
+
+    def describe(self):
+        return self.real.describe()
+
+    def detect(self, image):
+        return self.real.detect(image)
+
+    def detect_many(self, images):
+        self.batches.append(len(images))
+        return [self.real.detect(im) for im in images]
+
+
+def test_gpu_face_stage_batches_and_keeps_order(world, dlib_backend, clip, tmp_path):
+    """A GPU backend gets the readable images in batches of its batch_size while threads decode
+    ahead; scores are those of the one-image-at-a-time path, in order, unreadable files
+    included."""
+    from eval.scoring import score_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.open(world["run"] / f"00{i % 3}.png").save(folder / f"{i}.png")
+    (folder / "2b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    batched = BatchedDlib(dlib_backend)
+    kw = dict(library=world["library"], clip=clip)
+    a = score_images(folder, ["eileen", "grace"], "two women", face_backend=dlib_backend, workers=1, **kw)
+    b = score_images(folder, ["eileen", "grace"], "two women", face_backend=batched, **kw)
+    assert b.timing["face_workers"] == 1
+    assert batched.batches == [2, 1, 2]  # batches of 2 files; the unreadable one is not sent
+    assert _without_timing(a) == _without_timing(b)
+    assert b.image("imgs/2b.png").status.startswith("unreadable") and b.image("imgs/3.png").n_faces == 2
+
+
 class DyingBackend:
     """dlib in this process; in a worker process, detect() kills the process (a crashed model)."""
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from personas import faces
 from personas.errors import GroupshotError, ModelUnavailableError
 from personas.faces import (
     ArcFaceBackend,
@@ -388,3 +389,90 @@ def test_arcface_pack_by_folder_path_and_incomplete_packs(tiny_pack, tmp_path):
     (half / "w_tiny.onnx").write_bytes((pack / "w_tiny.onnx").read_bytes())
     with pytest.raises(ModelUnavailableError, match="has no detection model"):
         ArcFaceBackend(str(half))
+
+
+# -- the torch runtime: insightface's ONNX graphs run by PyTorch (onnx2torch), in batches -----
+
+
+def test_torch_runtime_finds_the_hand_computed_face(tiny_pack):
+    """The hand-built pack above, whose right answer is known: the torch runtime gets it."""
+    root, _, weight = tiny_pack
+    backend = ArcFaceBackend(root=root, runtime="torch", device="cpu")
+    assert backend.runtime == "torch" and not backend.on_gpu
+    image = _bright_square_image()
+    face = _only_face(backend, image)
+    assert face.box == pytest.approx((96.0, 32.0, 160.0, 96.0))
+    assert np.allclose(face.landmarks, (np.array([64.0, 32.0]) + KPS * 32) * 2, atol=1e-3)
+    assert np.allclose(face.embedding, _expected_embedding(image, face.landmarks, weight), atol=1e-4)
+    assert backend.detect_many([np.full((100, 300, 3), 10, np.uint8), image])[0] == []
+    assert backend.describe()["runtime"].startswith("torch cpu (onnx2torch")
+
+
+@pytest.fixture(scope="module")
+def layout_pack(tmp_path_factory):
+    """insightface's own layouts (SCRFD-10G-KPS, iresnet50) at tiny width, random weights."""
+    from personas.face_nets import write_random_pack
+
+    root = tmp_path_factory.mktemp("layout")
+    write_random_pack(root / "models" / "buffalo_l", "tiny", seed=1, detections=3)
+    return root
+
+
+def _photos_of_many_shapes(astronaut) -> list[np.ndarray]:
+    from PIL import Image
+
+    pil = Image.fromarray(astronaut)
+    return [astronaut, np.asarray(pil.resize((300, 700))), np.asarray(pil.resize((900, 240))),
+            np.ascontiguousarray(astronaut[:, ::-1]), np.asarray(pil.rotate(20))]
+
+
+@pytest.mark.parametrize("det_size", [(640, 640), None])  # None: insightface's 128 + 640 px
+def test_torch_runtime_equals_insightface_on_onnxruntime(layout_pack, astronaut, det_size):
+    """Our batched decoding of SCRFD's outputs and batched recognition give what insightface's
+    own SCRFD.detect + ArcFaceONNX.get give through onnxruntime, on the same graphs."""
+    images = _photos_of_many_shapes(astronaut)
+    reference = ArcFaceBackend(root=layout_pack, runtime="onnxruntime", det_size=det_size)
+    fast = ArcFaceBackend(root=layout_pack, runtime="torch", device="cpu", det_size=det_size, batch_size=2)
+    want = [reference.detect(im) for im in images]
+    got = fast.detect_many(images)
+    assert sum(map(len, want)) >= len(images)  # the random detector finds something to compare
+    assert len({round(f[0].box[0], 2) for f in want if f}) > 1  # and not the same box everywhere
+    def in_place_order(found):  # faces of equal area (and tied scores) may come in either order
+        return sorted(found, key=lambda f: tuple(round(v, 1) for v in (*f.box, f.score)))
+
+    for w, g in zip(want, got):
+        assert len(w) == len(g)
+        for a, b in zip(in_place_order(w), in_place_order(g)):
+            assert np.allclose(a.box, b.box, atol=1e-3) and a.score == pytest.approx(b.score, abs=1e-5)
+            assert np.allclose(a.landmarks, b.landmarks, atol=1e-3)
+            assert np.allclose(a.embedding, b.embedding, atol=1e-5)
+    one = fast.detect(images[1])  # one image through the same path
+    assert np.allclose([f.box for f in in_place_order(one)], [f.box for f in in_place_order(got[1])], atol=1e-3)
+
+
+def test_random_face_models_have_the_published_sizes():
+    """The benchmark's stand-ins are insightface's models in all but weights: parameters and
+    multiply-accumulates of SCRFD-10G-KPS (4.23 M, 10 GFLOPs at 640x480 in the SCRFD paper)
+    and iresnet50 (43.6 M, 6.3 G at 112x112)."""
+    from personas.face_nets import build_detector, build_recognizer, count_macs
+
+    det, rec = build_detector("full"), build_recognizer("full")
+    assert sum(p.numel() for p in det.parameters()) / 1e6 == pytest.approx(4.23, abs=0.01)
+    assert count_macs(det, (1, 3, 480, 640)) / 1e9 == pytest.approx(10.0, abs=0.1)
+    assert sum(p.numel() for p in rec.parameters()) / 1e6 == pytest.approx(43.59, abs=0.01)
+    assert count_macs(rec, (1, 3, 112, 112)) / 1e9 == pytest.approx(6.31, abs=0.02)
+
+
+def test_arcface_runtime_choices(tiny_pack, monkeypatch):
+    root, _, _ = tiny_pack
+    with pytest.raises(GroupshotError, match="choose one of auto, onnxruntime, torch"):
+        ArcFaceBackend(root=root, runtime="tensorrt")
+    with pytest.raises(GroupshotError, match="batch_size must be >= 1"):
+        ArcFaceBackend(root=root, runtime="torch", batch_size=0)
+    # auto on a machine without CUDA: insightface's own onnxruntime path
+    assert ArcFaceBackend(root=root).runtime == "onnxruntime"
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert faces._choose_runtime("auto", None) == "torch"  # a CUDA card, no onnxruntime-gpu
+    assert faces._choose_runtime("auto", ["CPUExecutionProvider"]) == "onnxruntime"  # providers named

@@ -50,3 +50,26 @@ def test_cuda_graph_render_matches_eager(tmp_path, tiny_model):
         for eager, graphed in zip(outs[method, False], outs[method, True]):
             rel = ((eager.float() - graphed.float()).norm() / eager.float().norm()).item()
             assert rel < 1e-2, f"{method}: graph vs eager latents differ by {rel:.2e}"
+
+
+def test_arcface_torch_runtime_on_the_gpu_matches_onnxruntime(tmp_path, astronaut):
+    """The GPU face path (insightface's graphs run by torch, batched) finds the faces and
+    embeddings that insightface's own path finds through onnxruntime on the CPU (TF32 convs)."""
+    import numpy as np
+    from PIL import Image
+
+    from personas.face_nets import write_random_pack
+    from personas.faces import ArcFaceBackend
+
+    write_random_pack(tmp_path / "models" / "buffalo_l", "full", seed=2, detections=3)
+    pil = Image.fromarray(astronaut)
+    images = [astronaut, np.asarray(pil.resize((300, 700))), np.asarray(pil.rotate(15))]
+    reference = ArcFaceBackend(root=tmp_path, runtime="onnxruntime")
+    gpu = ArcFaceBackend(root=tmp_path)  # auto: torch on the GPU without onnxruntime-gpu
+    assert gpu.runtime == "torch" and gpu.on_gpu
+    for want, got in zip([reference.detect(im) for im in images], gpu.detect_many(images)):
+        assert len(want) == len(got) and want
+        key = lambda f: tuple(round(v) for v in f.box)  # noqa: E731
+        for a, b in zip(sorted(want, key=key), sorted(got, key=key)):
+            assert np.allclose(a.box, b.box, atol=0.5)
+            assert float(a.embedding @ b.embedding) > 0.999
