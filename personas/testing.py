@@ -4,7 +4,9 @@
 (with an OpenPose-style ControlNet in DIR/controlnet) usable as `--base-model DIR`.
 `python -m personas.testing sd15-random DIR` writes the same at real SD1.5 size (random
 weights: for speed and memory measurements, not for pictures). `python -m personas.testing
-tiny-clip DIR` writes a tiny random open_clip model for offline eval.
+tiny-clip DIR` writes a tiny random open_clip model for offline eval. `python -m
+personas.testing arcface-random DIR` writes insightface's buffalo_l layouts with random weights
+(personas.face_nets).
 """
 
 from __future__ import annotations
@@ -223,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("tiny-clip", help="a tiny random open_clip model for offline eval (evaluate --clip-model local-dir:DIR)")
     c.add_argument("dir", type=Path)
     c.add_argument("--seed", type=int, default=0)
+    af = sub.add_parser("arcface-random", help="insightface buffalo_l layouts (SCRFD-10G-KPS, iresnet50) with random "
+                        "weights, as a model pack: ArcFaceBackend(pack=DIR); for speed measurements")
+    af.add_argument("dir", type=Path)
+    af.add_argument("--size", choices=("full", "tiny"), default="full")
+    af.add_argument("--seed", type=int, default=0)
     ph = sub.add_parser("sample-photos", help="public-domain photos of two people (Eileen Collins, Grace Hopper) in DIR/<name>/")
     ph.add_argument("dir", type=Path)
     args = p.parse_args(argv)
@@ -232,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "sample-photos":
         for who in ("eileen", "grace"):
             print(sample_photos(args.dir / who, who))
+        return 0
+    if args.cmd == "arcface-random":
+        from personas.face_nets import write_random_pack
+
+        print(write_random_pack(args.dir, args.size, seed=args.seed))
         return 0
     if args.cmd == "tiny-clip":
         write_tiny_clip(args.dir, seed=args.seed)
