@@ -397,6 +397,8 @@ def _annotated(ctx: _Context, scores: Scores, key: str) -> "Image.Image":
         thumb = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))))
         draw = ImageDraw.Draw(thumb)
         for f in (f for f in scores.faces if f.image == key):
+            # the face crops too, while the image is decoded (the face table needs them next)
+            ctx._thumbs.setdefault(("face", im_rec.path, tuple(f.box)), _crop_face(pil, f.box))
             box = [v * scale for v in f.box]
             colour = _face_colour(scores, f)
             draw.rectangle(box, outline=colour, width=3)
@@ -405,10 +407,22 @@ def _annotated(ctx: _Context, scores: Scores, key: str) -> "Image.Image":
     return thumb
 
 
+def _face_thumb(ctx: _Context, path: str, box: Sequence[float]) -> "Image.Image":
+    """_face_crop, made once per report: the HTML table and the PDF pages show the same crops."""
+    key = ("face", path, tuple(box))
+    if key not in ctx._thumbs:
+        ctx._thumbs[key] = _face_crop(path, box)
+    return ctx._thumbs[key]
+
+
 def _face_crop(path: str, box: Sequence[float], size: int = FACE_THUMB) -> "Image.Image":
     pil = _open(path)
     if pil is None:
         return _placeholder("unreadable", size)
+    return _crop_face(pil, box, size)
+
+
+def _crop_face(pil: "Image.Image", box: Sequence[float], size: int = FACE_THUMB) -> "Image.Image":
     x0, y0, x1, y1 = box
     m = 0.25 * max(x1 - x0, y1 - y0)  # some hair and chin around the detector's tight box
     crop = pil.crop((max(0, x0 - m), max(0, y0 - m), min(pil.width, x1 + m), min(pil.height, y1 + m)))
@@ -557,26 +571,31 @@ def _contact_sheets(ctx: _Context) -> dict[str, bytes]:
 
 def _contact_sheet(ctx: _Context, scores: Scores, cols: int = 4) -> bytes | None:
     """The shown images in a grid, each with its key and CLIP score underneath."""
-    from PIL import Image, ImageDraw
-
     shown = _shown_images(ctx, scores)
     if not shown:
         return None
-    thumbs = [_annotated(ctx, scores, im.key) for im in shown]
-    label_h, gap = 16, 8
-    cell_w, cell_h = THUMB + gap, max(t.height for t in thumbs) + label_h + gap
-    cols = min(cols, len(shown))
-    rows = math.ceil(len(shown) / cols)
-    sheet = Image.new("RGB", (cols * cell_w - gap, rows * cell_h - gap), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    for i, (im, t) in enumerate(zip(shown, thumbs)):
-        x, y = (i % cols) * cell_w, (i // cols) * cell_h
-        sheet.paste(t, (x + (THUMB - t.width) // 2, y))
-        draw.text((x + 4, y + cell_h - gap - label_h + 2), f"{im.key}  CLIP {_fmt(im.clip_score)}"[:40],
-                  fill=(0, 0, 0))
+    cells = [(_annotated(ctx, scores, im.key), f"{im.key}  CLIP {_fmt(im.clip_score)}"[:40]) for im in shown]
     buf = io.BytesIO()
-    sheet.save(buf, format="PNG", optimize=True)
+    _grid(cells, min(cols, len(cells)), THUMB).save(buf, format="PNG")  # optimize=True: 3x the time
     return buf.getvalue()
+
+
+def _grid(cells: list[tuple["Image.Image", str]], cols: int, width: int, rows: int | None = None) -> "Image.Image":
+    """Pictures in a grid of `cols` columns, `width` px wide cells, each with its (possibly
+    multi-line) label underneath; `rows` fixes the height (a page's grid keeps its size)."""
+    from PIL import Image, ImageDraw
+
+    gap, line_h = 8, 12
+    label_h = line_h * max(1, max(label.count("\n") + 1 for _, label in cells)) + 4
+    cell_h = max(pic.height for pic, _ in cells) + label_h + gap
+    rows = rows or math.ceil(len(cells) / cols)
+    sheet = Image.new("RGB", (cols * (width + gap) - gap, rows * cell_h - gap), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, (pic, label) in enumerate(cells):
+        x, y = (i % cols) * (width + gap), (i // cols) * cell_h
+        sheet.paste(pic, (x + (width - pic.width) // 2, y))
+        draw.multiline_text((x + 4, y + cell_h - gap - label_h + 2), label, fill=(0, 0, 0), spacing=2)
+    return sheet
 
 
 # ---------------------------------------------------------------------------------------
@@ -726,7 +745,7 @@ def _html_faces(ctx: _Context) -> str:
             crop, outcome = "<span class='muted'>no face in region</span>", "missing"
         else:
             f = faces[(p.image, p.face)]
-            crop = f'<img src="{_data_uri(_face_crop(im.path, f.box))}" alt="face">'
+            crop = f'<img src="{_data_uri(_face_thumb(ctx, im.path, f.box))}" alt="face">'
             outcome = "swap (nearer " + f.nearest + ")" if p.swap else "match" if p.match else "beyond threshold"
         rows.append(f"<tr><td>{_h(p.image)}</td><td>{_h(p.person)}</td><td>{crop}</td>"
                     f'<td><img src="{refs[p.person]}" alt="reference {_h(p.person)}"></td>'
@@ -835,20 +854,20 @@ def _table_page(title: str, tables: list[tuple[str, list[str], list[list[str]]]]
     return fig
 
 
+# A page of pictures is one picture (drawn with PIL, placed by one matplotlib axes): a
+# matplotlib axes per thumbnail made the PDF most of `evaluate`'s time.
+
+
 def _image_pages(ctx: _Context, scores: Scores, title: str, per_page: int = 12) -> list:
     shown = _shown_images(ctx, scores)
     pages = []
     for start in range(0, len(shown), per_page):
-        fig = _new_figure(8.27, 11.69)
-        fig.suptitle(title, fontsize=12)
-        for i, im in enumerate(shown[start:start + per_page]):
-            ax = fig.add_subplot(4, 3, i + 1)
-            ax.imshow(np.asarray(_annotated(ctx, scores, im.key)))
-            ax.set_axis_off()
+        cells = []
+        for im in shown[start:start + per_page]:
             flags = " faceless" if im.faceless else ""
             flags += f" swaps {im.swaps}" if im.swaps else ""
-            ax.set_title(f"{im.key}\nCLIP {_fmt(im.clip_score)}{flags}", fontsize=7)
-        pages.append(fig)
+            cells.append((_annotated(ctx, scores, im.key), f"{im.key}\nCLIP {_fmt(im.clip_score)}{flags}"))
+        pages.append(_picture_page(title, _grid(cells, 3, THUMB, rows=4)))
     return pages
 
 
@@ -859,28 +878,29 @@ def _face_pages(ctx: _Context, per_page: int = 8) -> list:
     rows = [p for p in s.people if p.image in shown]
     pages = []
     for start in range(0, len(rows), per_page):
-        fig = _new_figure(8.27, 11.69)
-        fig.suptitle("Generated faces next to their persona's reference", fontsize=12)
-        for i, p in enumerate(rows[start:start + per_page]):
+        cells = []
+        for p in rows[start:start + per_page]:
             im = s.image(p.image)
             gen = (_placeholder("missing", FACE_THUMB) if p.missing
-                   else _face_crop(im.path, faces[(p.image, p.face)].box))
-            for j, (pic, label) in enumerate(((gen, f"{p.image}\n{p.person}"), (_ref_crop(s, p.person), "reference"))):
-                ax = fig.add_subplot(per_page // 2, 4, 2 * i + j + 1)
-                ax.imshow(np.asarray(pic))
-                ax.set_axis_off()
-                outcome = "missing" if p.missing else "swap" if p.swap else "match" if p.match else "far"
-                ax.set_title(label if j else f"{label}\nd={_fmt(p.distance)} {outcome}", fontsize=7)
-        pages.append(fig)
+                   else _face_thumb(ctx, im.path, faces[(p.image, p.face)].box))
+            outcome = "missing" if p.missing else "swap" if p.swap else "match" if p.match else "far"
+            cells += [(gen, f"{p.image}\n{p.person}\nd={_fmt(p.distance)} {outcome}"),
+                      (_ref_crop(s, p.person), "reference")]
+        pages.append(_picture_page("Generated faces next to their persona's reference",
+                                   _grid(cells, 4, FACE_THUMB * 3 // 2, rows=per_page // 2)))
     return pages
 
 
 def _png_page(title: str, png: bytes):
     from PIL import Image
 
-    fig = _new_figure(8.27, 5.8)
-    ax = fig.add_axes((0.03, 0.03, 0.94, 0.88))
-    ax.imshow(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+    return _picture_page(title, Image.open(io.BytesIO(png)).convert("RGB"), height=5.8)
+
+
+def _picture_page(title: str, picture: "Image.Image", height: float = 11.69):
+    fig = _new_figure(8.27, height)
+    ax = fig.add_axes((0.03, 0.03, 0.94, 0.88 if height < 8 else 0.92))
+    ax.imshow(np.asarray(picture))
     ax.set_axis_off()
     fig.suptitle(title, fontsize=12)
     return fig
