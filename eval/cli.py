@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"open_clip architecture or local-dir:FOLDER (default: {DEFAULT_CLIP_MODEL})")
     p.add_argument("--clip-pretrained", default=DEFAULT_CLIP_PRETRAINED, metavar="TAG_OR_FILE",
                    help=f"open_clip weights tag or checkpoint file (default: {DEFAULT_CLIP_PRETRAINED})")
-    p.add_argument("--device", default="auto", help="device for CLIP: auto, cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument("--device", default="auto", help="device for CLIP and ArcFace: auto, cpu, cuda, cuda:1, ... (default: auto)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="face worker processes (default: one per CPU core for large sets; 1: no pool)")
     p.add_argument("--skip-unreadable", action="store_true",
@@ -154,7 +154,8 @@ def _main(argv: Sequence[str] | None) -> int:
     # -- models ----------------------------------------------------------------------------
     from personas.faces import load_face_backend
 
-    face_backend = load_face_backend(args.face_model)
+    # ArcFace runs where CLIP runs (under `accelerate launch`, this process's own GPU)
+    face_backend = load_face_backend(args.face_model, device=_device(args.device))
     clip = None
     if has_text:
         from eval.clip_score import ClipScorer

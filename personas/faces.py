@@ -309,13 +309,16 @@ def _onnx_providers() -> list[str]:
 ARCFACE_RUNTIMES = ("auto", "onnxruntime", "torch")
 
 
-def _choose_runtime(runtime: str, providers: list[str] | None) -> str:
-    """auto: onnxruntime where it has CUDA (or providers were named), else torch on a CUDA
-    GPU when onnx2torch is installed, else onnxruntime on the CPU."""
+def _choose_runtime(runtime: str, providers: list[str] | None, device: str | None = None) -> str:
+    """auto: onnxruntime on the CPU for device "cpu"; else onnxruntime where it has CUDA (or
+    providers were named), else torch on a CUDA GPU when onnx2torch is installed, else
+    onnxruntime on the CPU."""
     if runtime not in ARCFACE_RUNTIMES:
         raise GroupshotError(f"ArcFace runtime {runtime!r}: choose one of {', '.join(ARCFACE_RUNTIMES)}")
     if runtime != "auto":
         return runtime
+    if device is not None and not str(device).startswith("cuda"):
+        return "onnxruntime"
     if providers or _onnx_providers()[0] != "CPUExecutionProvider":
         return "onnxruntime"
     import torch
@@ -419,7 +422,9 @@ class ArcFaceBackend(_Rebuildable):
         self.root = insightface_root(root)
         self.det_size = tuple(det_size) if det_size is not None else None
         self.det_thresh = float(det_thresh)
-        self.runtime = _choose_runtime(runtime, providers)
+        self.runtime = _choose_runtime(runtime, providers, device)
+        if self.runtime == "onnxruntime" and providers is None and device is not None and device == "cpu":
+            providers = ["CPUExecutionProvider"]
         self.batch_size = int(batch_size)
         self.device = None
         if self.runtime == "torch":
@@ -665,21 +670,27 @@ class ArcFaceBackend(_Rebuildable):
 _warned_auto_fallback = False
 
 
-def load_face_backend(name: str = "auto", *, root: str | os.PathLike | None = None) -> FaceBackend:
-    """Load a face backend by name: "arcface", "dlib", or "auto".
+def load_face_backend(name: str = "auto", *, root: str | os.PathLike | None = None,
+                      device: str | None = None) -> FaceBackend:
+    """Load a face backend by name: "arcface", "dlib", or "auto". device: where ArcFace runs
+    ("cpu", "cuda", "cuda:1", ...; None: a CUDA GPU when there is one); dlib is CPU-only.
 
     "auto" is arcface when its pack (buffalo_l under `root`) is present, else dlib with a
     one-time warning; it is meant for photo checking and cropping, never for eval scores.
     """
     if name not in FACE_BACKENDS:
         raise GroupshotError(f"unknown face model {name!r}: choose one of {', '.join(FACE_BACKENDS)}")
+    if device is None:
+        from personas.parallel import process_device
+
+        device = process_device()  # under `accelerate launch`: this process's own GPU
     if name == "dlib":
         return DlibBackend()
     if name == "arcface":
-        return ArcFaceBackend(root=root)
+        return ArcFaceBackend(root=root, device=device)
     pack_dir = arcface_pack_dir(DEFAULT_ARCFACE_PACK, root)
     if _pack_present(pack_dir):
-        return ArcFaceBackend(root=root)
+        return ArcFaceBackend(root=root, device=device)
     global _warned_auto_fallback
     if not _warned_auto_fallback:
         _warned_auto_fallback = True

@@ -476,3 +476,15 @@ def test_arcface_runtime_choices(tiny_pack, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert faces._choose_runtime("auto", None) == "torch"  # a CUDA card, no onnxruntime-gpu
     assert faces._choose_runtime("auto", ["CPUExecutionProvider"]) == "onnxruntime"  # providers named
+
+
+def test_arcface_device_cpu_keeps_it_on_onnxruntime(tiny_pack, monkeypatch):
+    """evaluate --device cpu: ArcFace stays on the CPU even where a GPU would be chosen."""
+    import torch
+
+    root, _, _ = tiny_pack
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend = load_face_backend("arcface", root=root, device="cpu")
+    assert backend.runtime == "onnxruntime" and not backend.on_gpu
+    assert backend.providers == ["CPUExecutionProvider"]
+    assert faces._choose_runtime("auto", None, "cuda:1") == "torch"
