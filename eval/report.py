@@ -423,10 +423,13 @@ def _face_crop(path: str, box: Sequence[float], size: int = FACE_THUMB) -> "Imag
 
 
 def _crop_face(pil: "Image.Image", box: Sequence[float], size: int = FACE_THUMB) -> "Image.Image":
-    x0, y0, x1, y1 = box
+    # A detector can report corners the wrong way round or a box of no width (SCRFD's
+    # distances are unconstrained): crop what the box spans, at least one pixel.
+    (x0, x1), (y0, y1) = sorted(box[0::2]), sorted(box[1::2])
     m = 0.25 * max(x1 - x0, y1 - y0)  # some hair and chin around the detector's tight box
-    crop = pil.crop((max(0, x0 - m), max(0, y0 - m), min(pil.width, x1 + m), min(pil.height, y1 + m)))
-    return _fit(crop, size)
+    left, top = min(max(0, x0 - m), pil.width - 1), min(max(0, y0 - m), pil.height - 1)
+    right, bottom = max(min(pil.width, x1 + m), left + 1), max(min(pil.height, y1 + m), top + 1)
+    return _fit(pil.crop((left, top, right, bottom)), size)
 
 
 def _fit(im: "Image.Image", size: int) -> "Image.Image":

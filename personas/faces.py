@@ -95,7 +95,10 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 
 
 def _clip_box(box, width: int, height: int) -> tuple[float, float, float, float]:
+    """The box inside the image, corners in order (a detector's regression can swap them)."""
     x0, y0, x1, y1 = (float(v) for v in box)
+    x0, x1 = sorted((x0, x1))
+    y0, y1 = sorted((y0, y1))
     return (
         min(max(x0, 0.0), width),
         min(max(y0, 0.0), height),

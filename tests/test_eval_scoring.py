@@ -557,3 +557,18 @@ def test_output_folder_with_other_files_is_refused(tmp_path, run_scores):
     with pytest.raises(GroupshotError, match="choose a new or empty folder"):
         write_report(run_scores, tmp_path)
     assert (tmp_path / "holiday.jpg").exists()
+
+
+def test_face_crops_of_odd_boxes_never_fail():
+    """Boxes the wrong way round, of no width or outside the image still crop (the report
+    must not fail on what a detector reports)."""
+    from PIL import Image
+
+    from eval.report import FACE_THUMB, _crop_face
+
+    pil = Image.new("RGB", (300, 200), (10, 20, 30))
+    for box in [(50, 40, 120, 150), (120, 150, 50, 40), (300, 8.6, 300, 8.4), (-20, -20, -5, -5), (400, 300, 500, 420)]:
+        crop = _crop_face(pil, box)
+        assert crop.size == (FACE_THUMB, FACE_THUMB)
+    inner = np.asarray(_crop_face(pil, (120, 150, 50, 40)))
+    assert (inner == (10, 20, 30)).all(axis=-1).mean() > 0.5  # the region, not an empty page
