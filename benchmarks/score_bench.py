@@ -137,9 +137,10 @@ def main() -> int:
         score_images(sets["1 face, 512x512"], ["eileen"], prompt, library=lib, face_backend=b, clip=clip, workers=1)
     for label, folder in sets.items():
         base = None
-        for how, b, workers in runs:
+        for i, (how, b, workers) in enumerate(runs):
+            is_baseline = i == 0
             for what, c in (("faces + CLIP", clip), ("faces only", None)):
-                if how == runs[0][0] and c is None and folder != sets["1 face, 512x512"]:
+                if is_baseline and c is None and folder != sets["1 face, 512x512"]:
                     continue  # one baseline of faces alone is enough; each costs a minute or two
                 t0 = time.perf_counter()
                 s = score_images(folder, ["eileen"], prompt if c else None, library=lib, face_backend=b,
@@ -148,7 +149,7 @@ def main() -> int:
                 faces = sum(im.n_faces for im in s.images)
                 row = dict(images=label, what=what, how=how, workers=workers, images_per_second=round(rate, 2),
                            faces_found=faces)
-                if how == runs[0][0] and what == "faces + CLIP":
+                if is_baseline and what == "faces + CLIP":
                     base = rate
                 row["vs_baseline"] = round(rate / base, 2) if what == "faces + CLIP" else None
                 rows.append(row)

@@ -397,8 +397,8 @@ def _annotated(ctx: _Context, scores: Scores, key: str) -> "Image.Image":
         thumb = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))))
         draw = ImageDraw.Draw(thumb)
         for f in (f for f in scores.faces if f.image == key):
-            # the face crops too, while the image is decoded (the face table needs them next)
-            ctx._thumbs.setdefault(("face", im_rec.path, tuple(f.box)), _crop_face(pil, f.box))
+            if scores is ctx.scores and f.person is not None:  # the faces the face table shows,
+                _face_thumb(ctx, im_rec.path, f.box, pil)  # cropped while the image is decoded
             box = [v * scale for v in f.box]
             colour = _face_colour(scores, f)
             draw.rectangle(box, outline=colour, width=3)
@@ -407,19 +407,14 @@ def _annotated(ctx: _Context, scores: Scores, key: str) -> "Image.Image":
     return thumb
 
 
-def _face_thumb(ctx: _Context, path: str, box: Sequence[float]) -> "Image.Image":
-    """_face_crop, made once per report: the HTML table and the PDF pages show the same crops."""
+def _face_thumb(ctx: _Context, path: str, box: Sequence[float], pil: "Image.Image | None" = None) -> "Image.Image":
+    """The face's crop, made once per report (the HTML table and the PDF pages show the same
+    crops); `pil`: the image, when the caller has it decoded."""
     key = ("face", path, tuple(box))
     if key not in ctx._thumbs:
-        ctx._thumbs[key] = _face_crop(path, box)
+        pil = pil if pil is not None else _open(path)
+        ctx._thumbs[key] = _placeholder("unreadable", FACE_THUMB) if pil is None else _crop_face(pil, box)
     return ctx._thumbs[key]
-
-
-def _face_crop(path: str, box: Sequence[float], size: int = FACE_THUMB) -> "Image.Image":
-    pil = _open(path)
-    if pil is None:
-        return _placeholder("unreadable", size)
-    return _crop_face(pil, box, size)
 
 
 def _crop_face(pil: "Image.Image", box: Sequence[float], size: int = FACE_THUMB) -> "Image.Image":

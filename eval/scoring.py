@@ -15,7 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -566,7 +566,6 @@ def _faces_in_order(jobs: Sequence[_Job], backend: FaceBackend, workers: int,
         for job in jobs:
             yield _find_faces(job.path, backend, keep_pixels)
         return
-    import collections
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -578,53 +577,48 @@ def _faces_in_order(jobs: Sequence[_Job], backend: FaceBackend, workers: int,
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_worker_init, initargs=((cls, kwargs),))
     try:
-        pending: collections.deque = collections.deque()  # (job, future), oldest first
-        items = iter(jobs)
-
-        def submit() -> None:
-            job = next(items, None)
-            if job is not None:
-                pending.append((job, pool.submit(_worker_find, (str(job.path), keep_pixels))))
-
-        for _ in range(4 * workers):
-            submit()
-        while pending:
-            job, future = pending.popleft()
+        for job, future in _ahead(pool, _worker_find, jobs, lambda j: (str(j.path), keep_pixels), 4 * workers):
             try:
                 found = future.result()
             except BrokenProcessPool:
                 raise GroupshotError(
                     f"a face worker process died (out of memory, or the face model crashed) at or before {job.path}; "
                     "score again with --workers 1 to see the error in this process") from None
-            submit()
             yield found
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _ahead(pool, fn: Callable, jobs: Sequence[_Job], args: Callable[[_Job], Any], window: int) -> Iterator[tuple[_Job, Any]]:
+    """(job, future of fn(args(job))) in job order, with `window` jobs submitted to `pool`
+    ahead of the caller; the next job is submitted when the caller comes back for more."""
+    import collections
+
+    pending: collections.deque = collections.deque()  # (job, future), oldest first
+    items = iter(jobs)
+
+    def submit() -> None:
+        job = next(items, None)
+        if job is not None:
+            pending.append((job, pool.submit(fn, args(job))))
+
+    for _ in range(window):
+        submit()
+    while pending:
+        yield pending.popleft()
+        submit()
+
+
 def _faces_batched(jobs: Sequence[_Job], backend: FaceBackend, keep_pixels: bool) -> Iterable[_Found]:
     """The GPU face stage: threads decode images ahead (PIL and zlib let go of the GIL) while
     this thread runs the backend on a batch of them at a time (`detect_many`)."""
-    import collections
+    import itertools
     from concurrent.futures import ThreadPoolExecutor
 
     batch = int(getattr(backend, "batch_size", 16))
     with ThreadPoolExecutor(max_workers=max(1, min(8, usable_cpus() - 1))) as pool:
-        pending: collections.deque = collections.deque()
-        items = iter(jobs)
-
-        def submit() -> None:
-            job = next(items, None)
-            if job is not None:
-                pending.append(pool.submit(_decode, job.path))
-
-        for _ in range(3 * batch):
-            submit()
-        while pending:
-            group = []
-            while pending and len(group) < batch:
-                group.append(pending.popleft().result())
-                submit()
+        decoded = (future.result() for _, future in _ahead(pool, _decode, jobs, lambda j: j.path, 3 * batch))
+        while group := list(itertools.islice(decoded, batch)):
             readable = [f for f in group if f.status is None]
             if readable:
                 for found, faces in zip(readable, backend.detect_many([f.pixels for f in readable])):  # type: ignore[attr-defined]

@@ -312,6 +312,10 @@ def _onnx_providers() -> list[str]:
 ARCFACE_RUNTIMES = ("auto", "onnxruntime", "torch")
 
 
+def _is_cuda(device: str | None) -> bool:
+    return device is not None and str(device).startswith("cuda")
+
+
 def _choose_runtime(runtime: str, providers: list[str] | None, device: str | None = None) -> str:
     """auto: onnxruntime on the CPU for device "cpu"; else onnxruntime where it has CUDA (or
     providers were named), else torch on a CUDA GPU when onnx2torch is installed, else
@@ -320,7 +324,7 @@ def _choose_runtime(runtime: str, providers: list[str] | None, device: str | Non
         raise GroupshotError(f"ArcFace runtime {runtime!r}: choose one of {', '.join(ARCFACE_RUNTIMES)}")
     if runtime != "auto":
         return runtime
-    if device is not None and not str(device).startswith("cuda"):
+    if device is not None and not _is_cuda(device):
         return "onnxruntime"
     if providers or _onnx_providers()[0] != "CPUExecutionProvider":
         return "onnxruntime"
@@ -426,7 +430,7 @@ class ArcFaceBackend(_Rebuildable):
         self.det_size = tuple(det_size) if det_size is not None else None
         self.det_thresh = float(det_thresh)
         self.runtime = _choose_runtime(runtime, providers, device)
-        if self.runtime == "onnxruntime" and providers is None and device is not None and device == "cpu":
+        if self.runtime == "onnxruntime" and providers is None and device == "cpu":
             providers = ["CPUExecutionProvider"]
         self.batch_size = int(batch_size)
         self.device = None
@@ -471,7 +475,7 @@ class ArcFaceBackend(_Rebuildable):
     @property
     def on_gpu(self) -> bool:
         if self.runtime == "torch":
-            return self.device is not None and str(self.device).startswith("cuda")
+            return _is_cuda(self.device)
         return self.providers[0] != "CPUExecutionProvider"
 
     def _session_kwargs(self) -> dict:
@@ -616,14 +620,11 @@ class ArcFaceBackend(_Rebuildable):
             # (N, A, C) per output; a graph that folds the batch into A gives (N * A, C)
             outs = [o.reshape(n, -1, o.shape[-1]) for o in outs]
             fmc = det.fmc
+            centres = [self._anchor_centres(height_in // stride, width_in // stride, stride)
+                       for stride in det._feat_stride_fpn]
             for i, scale in enumerate(scales):
                 scores_l, boxes_l, kps_l = [], [], []
-                for idx, stride in enumerate(det._feat_stride_fpn):
-                    gh, gw = height_in // stride, width_in // stride
-                    centers = np.stack(np.mgrid[:gh, :gw][::-1], axis=-1).astype(np.float32)
-                    centers = (centers * stride).reshape(-1, 2)
-                    if det._num_anchors > 1:
-                        centers = np.stack([centers] * det._num_anchors, axis=1).reshape(-1, 2)
+                for idx, (stride, centers) in enumerate(zip(det._feat_stride_fpn, centres)):
                     scores = outs[idx][i]
                     keep = np.where(scores >= det.det_thresh)[0]
                     scores_l.append(scores[keep])
@@ -648,6 +649,14 @@ class ArcFaceBackend(_Rebuildable):
             keep = det.nms(pre)
             found.append((pre[keep], kps[keep]))
         return found
+
+    def _anchor_centres(self, rows: int, cols: int, stride: int) -> np.ndarray:
+        """(rows * cols * anchors, 2) pixel centres, laid out as SCRFD.forward lays them."""
+        centres = np.stack(np.mgrid[:rows, :cols][::-1], axis=-1).astype(np.float32)
+        centres = (centres * stride).reshape(-1, 2)
+        if self._det._num_anchors > 1:
+            centres = np.stack([centres] * self._det._num_anchors, axis=1).reshape(-1, 2)
+        return centres
 
     def describe(self) -> dict:
         import insightface
